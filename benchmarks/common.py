@@ -1,0 +1,53 @@
+"""Shared pieces of the benchmarks: LLaMA-60M-shaped parameters and interleaved median timing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def llama60m_shapes(vocab: int = 32000, hidden: int = 512, inter: int = 1376, layers: int = 8):
+  """Parameter shapes of the paper's LLaMA-60M: 58.07M floats with vocab 32000."""
+  shapes = {"embed": (vocab, hidden), "lm_head": (hidden, vocab), "final_norm": (hidden,)}
+  for i in range(layers):
+    for name in ("q", "k", "v", "o"):
+      shapes[f"layer{i}/attn/{name}"] = (hidden, hidden)
+    shapes[f"layer{i}/mlp/gate"] = (hidden, inter)
+    shapes[f"layer{i}/mlp/up"] = (hidden, inter)
+    shapes[f"layer{i}/mlp/down"] = (inter, hidden)
+    shapes[f"layer{i}/attn_norm"] = (hidden,)
+    shapes[f"layer{i}/mlp_norm"] = (hidden,)
+  return shapes
+
+
+def random_tree(shapes, seed: int = 0, scale: float = 0.02, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {n: (scale * jax.random.normal(k, s)).astype(dtype) for k, (n, s) in zip(keys, shapes.items())}
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of all array leaves (typed PRNG keys count their raw key data)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    total += x.size * x.dtype.itemsize
+  return total
+
+
+def interleaved_medians(fns: dict, repeats: int, inner: int = 1) -> dict:
+  """Times each no-arg callable `repeats` times in round-robin order; returns median seconds.
+
+  Each callable must block until its work is done. Interleaving spreads machine noise evenly.
+  """
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(inner):
+        fn()
+      times[name].append((time.perf_counter() - t0) / inner)
+  return {name: statistics.median(ts) for name, ts in times.items()}

@@ -1,0 +1,117 @@
+"""Spike-aware clipping (SPEC §1.2): the rule, and a standalone optax transform that applies it."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from spam_optax import _schedules, _tree, _validate
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """Low-precision inputs are computed in float32 (float64 stays float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def clip_spikes(g: jax.Array, v: jax.Array, threshold, active=True) -> jax.Array:
+  r"""Clips spiked entries of `g` to the spike boundary ``sqrt(θ v)``, keeping their sign.
+
+  .. math::
+    \tilde g = \begin{cases} \mathrm{sign}(g) \sqrt{\theta v} & \text{if } g^2 > \theta v \\
+                             g & \text{otherwise} \end{cases}
+
+  `v` is the raw (not bias-corrected) EMA of squared gradients from *before* this gradient. Nothing
+  is clipped when `active` is false or ``threshold <= 0``. An inf entry is clipped; a NaN entry is
+  not (NaN compares false) and passes through.
+  """
+  spike = active & (threshold > 0) & (g * g > threshold * v)
+  return jnp.where(spike, jnp.sign(g) * jnp.sqrt(threshold * v), g)
+
+
+def clipped_square(g: jax.Array, v: jax.Array, threshold, active=True) -> jax.Array:
+  """``clip_spikes(g, v, threshold, active) ** 2`` written as ``min(g², θ v)``.
+
+  Same value (to rounding), but a different expression: XLA cannot merge it with the clip inside
+  the first-moment update, so each moment update stays one fusion with no shared temporary.
+  """
+  g2 = g * g
+  return jnp.where(active & (threshold > 0), jnp.minimum(g2, threshold * v), g2)
+
+
+class SpikeClipState(NamedTuple):
+  """State of `spike_clip`: the update count and the raw EMA of the clipped squared gradient."""
+
+  count: chex.Array  # int32
+  nu: optax.Updates
+
+
+def spike_clip(
+    threshold: float = 5000.0,
+    *,
+    b2: float = 0.999,
+    reset_interval: int = 500,
+    clip_delay: int = 20,
+    nu_dtype=None,
+) -> optax.GradientTransformation:
+  r"""Clips gradient spikes element-wise against a running second moment, as SPAM does.
+
+  For update ``k`` (1-based) with raw EMA ``v`` of previous clipped squared gradients:
+
+  .. math::
+    v &\leftarrow 0 \quad \text{if } k \bmod ΔT = 0 \\
+    \tilde g &= \mathrm{sign}(g)\sqrt{\theta v} \quad \text{where } g^2 > \theta v
+        \text{ and } k \ge d \text{ and } (k \bmod ΔT) \ge d, \text{ else } g \\
+    v &\leftarrow \beta_2 v + (1 - \beta_2)\, \tilde g^2
+
+  with ``d = clip_delay``. It keeps its own ``v``, so it can sit in front of any optimizer (SGD,
+  Lion, Adafactor...). In front of `scale_by_adam_with_reset` with the same ``b2`` and
+  ``reset_interval`` its ``v`` equals Adam's, which is why `spam` fuses the two instead of storing
+  ``v`` twice.
+
+  Example:
+    >>> import optax, spam_optax as spam
+    >>> tx = optax.chain(spam.spike_clip(5000.0), optax.sgd(1e-2))
+
+  Args:
+    threshold: θ, the spike threshold on ``g² / v``; 0 disables clipping.
+    b2: decay of the squared-gradient EMA.
+    reset_interval: ΔT; ``v`` is zeroed at every update k with k % ΔT == 0.
+    clip_delay: no clipping while ``k < clip_delay`` or ``k % ΔT < clip_delay``.
+    nu_dtype: dtype of ``v``; defaults to the dtype of the gradient.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  References:
+    Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training, ICLR 2025.
+  """
+  _validate.check("threshold", threshold, lambda x: x >= 0, ">= 0")
+  _validate.check_beta("b2", b2)
+  _validate.check_int("reset_interval", reset_interval, 1)
+  _validate.check_int("clip_delay", clip_delay, 0)
+
+  def init_fn(params):
+    nu = optax.tree.zeros_like(params, dtype=nu_dtype)
+    return SpikeClipState(count=jnp.zeros([], jnp.int32), nu=nu)
+
+  def update_fn(updates, state, params=None):
+    del params
+    k = _schedules.update_index(state.count)
+    reset = _schedules.is_reset_update(k, reset_interval)
+    active = _schedules.clipping_active(k, reset_interval, clip_delay)
+
+    def leaf(g, v):
+      dt = compute_dtype(g.dtype)
+      v_old = jnp.where(reset, 0, v.astype(dt))
+      clipped = clip_spikes(g.astype(dt), v_old, threshold, active)
+      v_new = b2 * v_old + (1 - b2) * clipped * clipped
+      return clipped.astype(g.dtype), v_new.astype(v.dtype)
+
+    clipped, nu = _tree.map_multi(leaf, updates, state.nu, n_out=2)
+    return clipped, SpikeClipState(count=optax.safe_increment(state.count), nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

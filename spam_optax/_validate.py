@@ -1,0 +1,39 @@
+"""Construction-time checks of hyper-parameters.
+
+Checks run only on concrete scalars: inside `optax.inject_hyperparams` the factory is called again
+with traced scalars, which cannot (and need not) be checked a second time; schedules are skipped.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import numpy as np
+
+
+def _concrete(value) -> float | None:
+  """The value as a Python float, or None when it is traced, a callable or not a scalar."""
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return None
+  try:
+    return float(value) if np.ndim(value) == 0 else None
+  except (TypeError, ValueError):
+    return None
+
+
+def check(name: str, value, ok, requirement: str) -> None:
+  """Raises ValueError naming `name` when the concrete `value` fails `ok`."""
+  v = _concrete(value)
+  if v is not None and not ok(v):
+    raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def check_beta(name: str, value) -> None:
+  check(name, value, lambda b: 0.0 <= b < 1.0, "in [0, 1)")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+  """Integer hyper-parameters (intervals, delays) shape the computation and must be Python ints."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
