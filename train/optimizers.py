@@ -1,0 +1,169 @@
+"""The optimizer menu, the paper's learning-rate schedule, and a spike-count diagnostic for SPAM.
+
+=================  ===========================================================================
+``spam``           ``spam_optax.spam`` (``--density`` < 1: sparse momentum on the projections)
+``stable_spam``    ``spam_optax.stable_spam`` (total_steps = the schedule length)
+``adam``           ``optax.adam`` (no weight decay)
+``adamw``          ``optax.adamw`` with ``--weight-decay``
+``adam_clip_norm`` Adam after global-norm clipping to 1.0
+``adam_clip_value`` Adam after element-wise clipping to 1e-3
+``adafactor``      ``optax.adafactor`` without parameter scaling (the GaLore/SPAM baseline setup)
+``galore``         ``optax.contrib.galore`` on the projection kernels (rank, gap, scale 0.25)
+=================  ===========================================================================
+
+Every optimizer takes the same schedule: linear warmup from 0 over ``warmup_steps``, then cosine
+decay to ``min_lr_ratio`` (10%) of the peak at ``schedule_steps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.config import Config, ConfigError
+
+# The leaves the authors make sparse (and GaLore projects): attention and MLP projection kernels.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lr_schedule(cfg: Config) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.lr_warmup_steps,
+      decay_steps=cfg.total_schedule_steps, end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def projection_mask(params) -> Any:
+  """True for the attention / MLP projection kernels, False for embeddings, norms and the head."""
+
+  def is_projection(path, _):
+    names = [_key_name(p) for p in path]
+    return any(n in PROJECTIONS for n in names) and names[-1] == "kernel"
+
+  return jax.tree_util.tree_map_with_path(is_projection, params)
+
+
+def _import_spam():
+  try:
+    import spam_optax
+  except ImportError as e:  # pragma: no cover - the package ships with the repo
+    raise ConfigError(f"cannot import spam_optax: {e}") from e
+  return spam_optax
+
+
+def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer named by ``cfg.optimizer`` with the paper's schedule."""
+  sched = lr_schedule(cfg)
+  mu_dtype = jnp.dtype(cfg.opt_state_dtype) if cfg.opt_state_dtype else None
+  name = cfg.optimizer
+
+  def adam():
+    return optax.adam(sched, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype)
+
+  if name == "spam":
+    spam = _import_spam()
+    kwargs: dict[str, Any] = dict(
+        b1=cfg.b1, b2=cfg.b2, threshold=cfg.threshold, reset_interval=cfg.reset_interval,
+        warmup_steps=cfg.reset_warmup, clip_delay=cfg.clip_delay, weight_decay=cfg.weight_decay,
+        mu_dtype=mu_dtype)
+    if cfg.density < 1:
+      kwargs.update(density=cfg.density, key=jax.random.key(cfg.seed), sparse_leaves=projection_mask)
+    try:
+      return spam.spam(sched, **kwargs), sched
+    except ValueError as e:
+      raise ConfigError(f"invalid SPAM settings: {e}") from e
+  if name == "stable_spam":
+    spam = _import_spam()
+    stable = getattr(spam, "stable_spam", None)
+    if stable is None:
+      raise ConfigError("--optimizer stable_spam: this spam_optax has no stable_spam yet")
+    try:
+      return stable(sched, b1=cfg.b1, b2=cfg.b2, gamma1=cfg.gamma1, gamma2=cfg.gamma2,
+                    gamma3=cfg.gamma3, reset_interval=cfg.stable_reset_interval,
+                    total_steps=cfg.total_schedule_steps, weight_decay=cfg.weight_decay), sched
+    except ValueError as e:
+      raise ConfigError(f"invalid Stable-SPAM settings: {e}") from e
+  if name == "adam":
+    return adam(), sched
+  if name == "adamw":
+    return optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                       mu_dtype=mu_dtype), sched
+  if name == "adam_clip_norm":
+    return optax.chain(optax.clip_by_global_norm(1.0), adam()), sched
+  if name == "adam_clip_value":
+    return optax.chain(optax.clip(1e-3), adam()), sched
+  if name == "adafactor":
+    return optax.adafactor(sched, multiply_by_parameter_scale=False, clipping_threshold=1.0,
+                           weight_decay_rate=cfg.weight_decay or None), sched
+  if name == "galore":
+    galore = getattr(optax.contrib, "galore", None)
+    if galore is None:
+      raise ConfigError("--optimizer galore needs optax.contrib.galore (optax >= 0.2.7)")
+    return galore(sched, rank=cfg.galore_rank, update_proj_gap=cfg.galore_gap,
+                  scale=cfg.galore_scale, weight_decay=cfg.weight_decay,
+                  base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
+                  mask=projection_mask), sched
+  raise ConfigError(f"unknown optimizer {name!r}")
+
+
+def _find_state(tree, cls):
+  """The first node of type `cls` in an optimizer state, or None."""
+  found = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, cls))
+           if isinstance(x, cls)]
+  return found[0] if found else None
+
+
+def spike_counter(cfg: Config) -> Callable[[Any, Any, Any], jax.Array] | None:
+  """``count(grads, state_before, state_after) -> int32``: gradient entries SPAM clipped.
+
+  A diagnostic computed beside the optimizer (``spam.spam`` does not report it), from SPAM's public
+  state (``ScaleByAdamWithResetState``: the raw second moment ``v``) and the clipping rule of the
+  SPEC: while clipping is active (outside the ``clip_delay`` windows; ``v = 0`` on a reset update),
+  an entry is clipped when ``g² > θ v`` against the previous ``v``.
+
+  * Dense leaves (``v`` shaped like the gradient): counted exactly from ``g`` and ``v``.
+  * Sparse leaves (``--density`` < 1: ``v`` holds only the current random subset, as a compact
+    vector whose indices the library does not expose): a clipped entry enters ``v`` as exactly
+    ``θ v_old``, so it is recovered from the moment update, ``g̃² = (v_new - β2 v_old) / (1 - β2)``,
+    as ``g̃² ≥ θ v_old (1 - tol)`` with ``v_old > 0``. ``tol`` is a few ulps of ``v``'s dtype: exact
+    up to entries within ~1e-5 (float32) below the threshold; coarse with a bfloat16 ``v``.
+
+  None for optimizers other than SPAM or with ``--log-spikes false``.
+  """
+  if cfg.optimizer != "spam" or not cfg.log_spikes:
+    return None
+  spam = _import_spam()
+  theta, interval, delay, b2 = cfg.threshold, cfg.reset_interval, cfg.clip_delay, cfg.b2
+
+  def count(grads, before, after):
+    old = _find_state(before, spam.ScaleByAdamWithResetState)
+    new = _find_state(after, spam.ScaleByAdamWithResetState)
+    if old is None or new is None:
+      raise ValueError("spike counter: no ScaleByAdamWithResetState in the SPAM state")
+    k = old.count.astype(jnp.int32) + 1
+    reset = k % interval == 0
+    active = (k >= delay) & (k % interval >= delay) & (theta > 0)
+    g_leaves, treedef = jax.tree_util.tree_flatten(grads)
+    total = jnp.zeros([], jnp.int32)
+    for g, v0, v1 in zip(g_leaves, treedef.flatten_up_to(old.nu), treedef.flatten_up_to(new.nu)):
+      dt = jnp.promote_types(g.dtype, jnp.float32)
+      v_old = jnp.where(reset, 0, v0.astype(dt))
+      if v0.shape == g.shape:
+        g = g.astype(dt)
+        total += jnp.sum(g * g > theta * v_old, dtype=jnp.int32)
+      else:
+        clipped_sq = (v1.astype(dt) - b2 * v_old) / (1 - b2)
+        tol = 64 * float(jnp.finfo(v0.dtype).eps)
+        total += jnp.sum((v_old > 0) & (clipped_sq >= theta * v_old * (1 - tol)), dtype=jnp.int32)
+    return jnp.where(active, total, 0)
+
+  return count
