@@ -1,0 +1,130 @@
+"""Sparse momentum: subset size, keyed draws, re-draws at resets, zero update off the subset, memory."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spam_optax as spam
+from spam_optax._sparse import Strata, subset_size
+
+
+def selected(updates):
+  return {n: np.asarray(u) != 0 for n, u in updates.items()}
+
+
+def sparse_run(key, steps, density=0.25, interval=5, shape=(40, 25)):
+  """Masks of nonzero updates after each update, with all-ones gradients."""
+  p = {"w": jnp.ones(shape), "b": jnp.ones(shape[-1])}
+  tx = spam.spam(1e-2, density=density, key=key, reset_interval=interval, warmup_steps=2, clip_delay=2)
+  state, masks = tx.init(p), []
+  update = jax.jit(tx.update)
+  for _ in range(steps):
+    u, state = update(jax.tree.map(jnp.ones_like, p), state, p)
+    masks.append(selected(u))
+  return masks, state
+
+
+def test_fraction_zero_update_and_dense_leaves():
+  masks, _ = sparse_run(jax.random.key(0), 3)
+  for m in masks:
+    assert m["w"].sum() == 250  # exactly round(0.25 * 1000) entries move
+    assert m["b"].all()  # 1-D leaves stay dense by default
+  assert (masks[0]["w"] == masks[2]["w"]).all()  # same subset within an interval
+
+
+def test_redrawn_exactly_at_resets():
+  masks, _ = sparse_run(jax.random.key(0), 11, interval=5)
+  w = [m["w"] for m in masks]  # w[k - 1] is update k
+  for k in range(1, 12):
+    same_as_previous = k > 1 and (w[k - 1] == w[k - 2]).all()
+    assert same_as_previous == (k > 1 and k % 5 != 0), k
+
+
+def test_same_key_same_subset_different_key_different():
+  a, _ = sparse_run(jax.random.key(1), 1)
+  b, _ = sparse_run(jax.random.key(1), 1)
+  c, _ = sparse_run(jax.random.key(2), 1)
+  assert (a[0]["w"] == b[0]["w"]).all()
+  assert not (a[0]["w"] == c[0]["w"]).all()
+
+
+@pytest.mark.parametrize("n, density", [(12, 0.25), (10, 0.3), (7, 0.5), (9, 0.9)])
+def test_every_entry_equally_likely(n, density):
+  """Marginal inclusion probability is n_sel / n for every entry, also when strata differ in size."""
+  n_sel = subset_size(n, density)
+  draws = jax.vmap(lambda k: Strata.draw(k, n, n_sel).expand(jnp.ones(n_sel), (n,)))(
+      jax.random.split(jax.random.key(0), 4000))
+  counts = np.asarray(draws).astype(bool)
+  assert (counts.sum(1) == n_sel).all()
+  freq = counts.mean(0)
+  np.testing.assert_allclose(freq, n_sel / n, atol=4 * np.sqrt(0.25 / 4000))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3000), density=st.floats(0.01, 1.0), seed=st.integers(0, 2**30))
+def test_indices_and_expand_agree(n, density, seed):
+  n_sel = subset_size(n, density)
+  s = Strata.draw(jax.random.key(seed), n, n_sel)
+  idx = np.asarray(s.indices())
+  assert len(np.unique(idx)) == n_sel and idx.min() >= 0 and idx.max() < n
+  full = np.asarray(s.expand(jnp.arange(1.0, n_sel + 1), (n,)))
+  np.testing.assert_array_equal(full[idx], np.arange(1.0, n_sel + 1))
+  assert np.count_nonzero(full) == n_sel
+
+
+def test_subset_trajectory_equals_dense_spam_on_those_entries():
+  """Within an interval, sparse SPAM on the subset is dense SPAM on the subset's entries."""
+  key = jax.random.key(3)
+  p = {"w": jnp.linspace(-1, 1, 200).reshape(10, 20)}
+  grads = [{"w": jnp.sin(p["w"] * (k + 1)) * (50.0 if k == 6 else 1.0)} for k in range(9)]
+  kw = dict(reset_interval=10, warmup_steps=3, clip_delay=2, threshold=5.0)
+  sparse, dense = spam.spam(1e-2, density=0.3, key=key, **kw), spam.spam(1e-2, **kw)
+  s_state, d_state = sparse.init(p), dense.init(p)
+  for g in grads:
+    su, s_state = sparse.update(g, s_state, p)
+    du, d_state = dense.update(g, d_state, p)
+    on = np.asarray(su["w"]) != 0
+    assert on.sum() == 60
+    np.testing.assert_allclose(np.asarray(su["w"])[on], np.asarray(du["w"])[on], rtol=1e-6)
+
+
+def test_state_is_about_density_times_adam():
+  shapes = {"embed": (300, 64), "q": (64, 64), "norm": (64,)}
+  p = {n: jnp.ones(s) for n, s in shapes.items()}
+  adam_bytes = sum(x.nbytes for x in jax.tree.leaves(optax.adam(1e-3).init(p)))
+  for d in (0.25, 0.1):
+    state = spam.spam(1e-3, density=d, key=jax.random.key(0)).init(p)
+    arrays = [x for x in jax.tree.leaves(state) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+    n_leaves = len(shapes)
+    # moments of the sparse leaves at density d, the dense norm's moments, scalars and the key
+    assert sum(x.nbytes for x in arrays) <= d * adam_bytes + 2 * 4 * 64 + 16 * n_leaves
+    big = max(int(np.prod(s)) for s in shapes.values())
+    assert all(x.size < d * big + 1 for x in arrays if x.ndim)  # nothing full-size is stored
+
+
+def test_jit_under_donation_and_restart_from_state_copy():
+  """The subset is a pure function of the state: a copied state gives the same next update."""
+  masks, state = sparse_run(jax.random.key(5), 3)  # the next update, k = 4, keeps the subset
+  p = {"w": jnp.ones((40, 25)), "b": jnp.ones(25)}
+  tx = spam.spam(1e-2, density=0.25, key=jax.random.key(99), reset_interval=5, warmup_steps=2,
+                 clip_delay=2)  # a different construction key: the state's key wins
+  restored = jax.tree.map(lambda x: x, state)
+  u1, _ = tx.update(jax.tree.map(jnp.ones_like, p), restored, p)
+  u2, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, p), state, p)
+  chex.assert_trees_all_close(u1, u2)
+  assert (selected(u1)["w"] == masks[-1]["w"]).all()
+
+
+def test_bad_sparse_arguments():
+  inner = spam.scale_by_adam_with_reset()
+  with pytest.raises(ValueError, match="density"):
+    spam.sparse_mask(inner, 0.0, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="key"):
+    spam.sparse_mask(inner, 0.5, key=None)
