@@ -76,7 +76,8 @@ def spam(
     reset_interval: ΔT, updates between momentum resets.
     warmup_steps: N, updates of cosine warmup after each reset; must be < ``reset_interval``.
     clip_delay: updates without clipping at the start and after every reset.
-    density: d in (0, 1], the fraction of each sparse leaf that carries momentum.
+    density: d in (0, 1], the fraction of each sparse leaf that carries momentum. It fixes the
+      state's shapes, so under ``optax.inject_hyperparams`` pass ``static_args=("density", "key")``.
     key: a `jax.random.key`, required when ``density < 1``.
     sparse_leaves: which leaves are sparse (pytree of bools or callable); default ndim >= 2.
     weight_decay: decoupled weight decay (default 0). Sparse leaves decay on their subset only.
@@ -93,7 +94,10 @@ def spam(
   _validate.check("threshold", threshold, lambda x: x >= 0, ">= 0")
   _validate.check("density", density, lambda d: 0.0 < d <= 1.0, "in (0, 1]")
   _validate.check("weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
-  sparse = _validate._concrete(density) != 1.0
+  # Under optax.inject_hyperparams every numeric argument, density included, arrives traced: the
+  # dense path needs no density, and the sparse one needs static_args=("density", "key").
+  d = _validate.concrete(density)
+  sparse = d != 1.0 if d is not None else key is not None
   if sparse and key is None:
     raise ValueError("key must be a jax.random.key when density < 1 (the sparse subsets derive from it)")
 

@@ -72,7 +72,8 @@ def reset_warmup_schedule(reset_interval: int = 500, warmup_steps: int = 150) ->
   """
   _validate.check_int("reset_interval", reset_interval, 1)
   _validate.check_int("warmup_steps", warmup_steps, 0)
-  if warmup_steps >= reset_interval:
+  n, interval = _validate.concrete(warmup_steps), _validate.concrete(reset_interval)
+  if n is not None and interval is not None and n >= interval:
     raise ValueError(
         f"warmup_steps ({warmup_steps}) must be < reset_interval ({reset_interval}): the warmup "
         "factor would never reach 1 and silently cut the learning rate about 5x."

@@ -160,7 +160,7 @@ def sparse_mask(
     Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training, ICLR 2025.
   """
   _validate.check("density", density, lambda d: 0.0 < d <= 1.0, "in (0, 1]")
-  if _validate._concrete(density) is None:
+  if _validate.concrete(density) is None:
     raise ValueError(f"density must be a Python float in (0, 1] (it fixes state shapes), got {density!r}")
   _validate.check_int("reset_interval", reset_interval, 1)
   if key is None:

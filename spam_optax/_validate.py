@@ -34,6 +34,12 @@ def check_beta(name: str, value) -> None:
 
 
 def check_int(name: str, value, minimum: int) -> None:
-  """Integer hyper-parameters (intervals, delays) shape the computation and must be Python ints."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+  """An integer hyper-parameter (interval, delay) >= minimum; traced values are not checked."""
+  if isinstance(value, bool):
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  check(name, value, lambda x: x == int(x) and x >= minimum, f"an integer >= {minimum}")
+
+
+def concrete(value) -> float | None:
+  """The value as a float when it is a concrete scalar, else None (traced or a schedule)."""
+  return _concrete(value)

@@ -1,0 +1,154 @@
+"""The optax battery for spam: convergence, jit, dtypes, shapes, and composition with optax and NNX."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spam_optax as spam
+
+SMALL = dict(reset_interval=50, warmup_steps=10, clip_delay=5)
+
+
+def minimise(tx, loss, p, steps):
+  state = tx.init(p)
+
+  @jax.jit
+  def step(p, state):
+    g = jax.grad(loss)(p)
+    u, state = tx.update(g, state, p)
+    return optax.apply_updates(p, u), state
+
+  for _ in range(steps):
+    p, state = step(p, state)
+  return p
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_converges_on_a_quadratic(density):
+  target = jnp.linspace(-2, 2, 16).reshape(4, 4)
+  loss = lambda p: jnp.sum((p["w"] - target) ** 2) + jnp.sum(p["b"] ** 2)
+  p0 = {"w": jnp.zeros((4, 4)), "b": jnp.ones(3)}
+  tx = spam.spam(0.05, density=density, key=jax.random.key(0), **SMALL)
+  p = minimise(tx, loss, p0, 1000)
+  assert float(loss(p)) < 1e-2 * float(loss(p0))
+
+
+def test_converges_on_rosenbrock():
+  loss = lambda p: (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+  p = minimise(spam.spam(0.02, **SMALL), loss, jnp.array([-1.0, 1.0]), 3000)
+  np.testing.assert_allclose(np.asarray(p), [1.0, 1.0], atol=0.05)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.25])
+def test_jit_does_not_recompile_and_dtypes_do_not_drift(density):
+  chex.clear_trace_counter()  # the counter is keyed by code location, shared by both parameters
+  p = {"w": jnp.ones((8, 8), jnp.bfloat16), "b": jnp.ones(8, jnp.float32)}
+  tx = spam.spam(1e-3, density=density, key=jax.random.key(0), mu_dtype=jnp.float32, reset_interval=3,
+                 warmup_steps=1, clip_delay=1)
+  state = tx.init(p)
+  dtypes = jax.tree.map(lambda x: x.dtype, state)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(p, state):
+    u, state = tx.update(p, state, p)
+    return optax.apply_updates(p, u), state, u
+
+  for _ in range(7):  # crosses two resets and two re-draws
+    p, state, u = step(p, state)
+  chex.assert_trees_all_equal(jax.tree.map(lambda x: x.dtype, state), dtypes)
+  assert u["w"].dtype == jnp.bfloat16 and p["w"].dtype == jnp.bfloat16
+  inner = state[0][0] if density == 1.0 else state[0].inner_state[0]
+  assert inner.mu["w"].dtype == jnp.float32 and inner.nu["w"].dtype == jnp.bfloat16
+  assert state[0].count.dtype == jnp.int32 if density < 1 else inner.count.dtype == jnp.int32
+  assert np.isfinite(np.asarray(p["w"], np.float32)).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shapes=st.lists(st.sampled_from([(), (0,), (3,), (0, 4), (2, 3), (5, 1, 2)]), min_size=1, max_size=4),
+    density=st.sampled_from([1.0, 0.3]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+)
+def test_random_pytrees_shapes_and_dtypes(shapes, density, dtype):
+  p = {f"p{i}": jnp.full(s, 0.5, dtype) for i, s in enumerate(shapes)}
+  tx = spam.spam(1e-2, density=density, key=jax.random.key(1), **SMALL)
+  state = tx.init(p)
+  u, state = jax.jit(tx.update)(p, state, p)
+  chex.assert_trees_all_equal_shapes_and_dtypes(u, p)
+  for x in jax.tree.leaves(u):
+    assert np.isfinite(np.asarray(x, np.float32)).all()
+
+
+def test_inject_hyperparams_equivalence_and_change():
+  p = {"w": jnp.linspace(-1, 1, 6)}
+  grads = [{"w": jnp.cos(p["w"] * k) * (100.0 if k == 9 else 1.0)} for k in range(12)]
+  plain = spam.spam(1e-2, threshold=5.0, **SMALL)
+  inj = optax.inject_hyperparams(spam.spam)(learning_rate=1e-2, threshold=5.0, **SMALL)
+  s1, s2 = plain.init(p), inj.init(p)
+  for g in grads:
+    u1, s1 = plain.update(g, s1, p)
+    u2, s2 = jax.jit(inj.update)(g, s2, p)
+    chex.assert_trees_all_close(u1, u2, rtol=1e-4, atol=1e-7)  # injected β, ε are float32 arrays
+  s2.hyperparams["learning_rate"] = jnp.asarray(2e-2)
+  u3, _ = inj.update(grads[0], s2, p)
+  u1, _ = plain.update(grads[0], s1, p)
+  chex.assert_trees_all_close(u3, jax.tree.map(lambda x: 2 * x, u1), rtol=1e-4, atol=1e-7)
+
+
+def test_multisteps_counts_real_updates_only():
+  p = {"w": jnp.ones(4)}
+  tx = optax.MultiSteps(spam.spam(1e-2, reset_interval=2, warmup_steps=1, clip_delay=1), every_k_schedule=3)
+  state = tx.init(p)
+  for i in range(9):
+    u, state = tx.update({"w": jnp.full(4, float(i + 1))}, state, p)
+    if (i + 1) % 3:
+      chex.assert_trees_all_equal(u, {"w": jnp.zeros(4)})
+  assert int(state.inner_opt_state[0][0].count) == 3
+  # the real updates are spam on the averaged gradients 2, 5, 8
+  ref = spam.spam(1e-2, reset_interval=2, warmup_steps=1, clip_delay=1)
+  rs = ref.init(p)
+  for g in (2.0, 5.0, 8.0):
+    ru, rs = ref.update({"w": jnp.full(4, g)}, rs, p)
+  chex.assert_trees_all_close(u, ru, rtol=1e-6)
+
+
+def test_masked_and_partition():
+  p = {"w": jnp.ones((3, 3)), "frozen": jnp.ones(3)}
+  g = jax.tree.map(lambda x: 0.5 * x, p)
+  masked = optax.masked(spam.spam(1e-2), {"w": True, "frozen": False})
+  u, _ = masked.update(g, masked.init(p), p)
+  chex.assert_trees_all_equal(u["frozen"], g["frozen"])  # masked-out leaves pass through
+  full, _ = spam.spam(1e-2).update(g, spam.spam(1e-2).init(p), p)
+  chex.assert_trees_all_close(u["w"], full["w"])
+  part = optax.partition({"a": spam.spam(1e-2), "b": optax.set_to_zero()}, {"w": "a", "frozen": "b"})
+  u, _ = part.update(g, part.init(p), p)
+  chex.assert_trees_all_close(u["w"], full["w"])
+  chex.assert_trees_all_equal(u["frozen"], jnp.zeros(3))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_flax_nnx_optimizer(density):
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, spam.spam(1e-2, density=density, key=jax.random.key(0), **SMALL), wrt=nnx.Param)
+  x, y = jnp.ones((8, 4)), jnp.zeros((8, 3))
+  loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+
+  @nnx.jit
+  def step(model, opt):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  first = float(step(model, opt))
+  for _ in range(100):
+    last = float(step(model, opt))
+  assert last < 0.5 * first
