@@ -92,21 +92,39 @@ class Strata(NamedTuple):
     return jnp.where(shifted >= self.shift, shifted - self.shift, shifted - self.shift + self.n)
 
   def expand(self, compact: jax.Array, shape) -> jax.Array:
-    """The full-size array holding `compact` on the subset and exactly 0 elsewhere."""
+    """The full-size array holding `compact` on the subset and exactly 0 elsewhere.
+
+    Written entry by entry (no scatter) so that XLA fuses it into the parameter update.
+    """
     q, r = divmod(self.n, self.n_sel)
-    offsets = self.offsets(jnp.arange(self.n_sel, dtype=jnp.int32))
     zero = jnp.zeros([], compact.dtype)
+    if not r and q & (q - 1) == 0:
+      # Equal strata of a power-of-two size: view the leaf as (n_sel, q); the index arithmetic
+      # of that reshape is shifts and masks, the cheapest form on every backend.
+      col = jax.lax.broadcasted_iota(jnp.int32, (self.n_sel, q), 1)
+      offsets = self.offsets(jnp.arange(self.n_sel, dtype=jnp.int32))
+      return jnp.where(col == offsets[:, None], compact[:, None], zero).reshape(shape)
+    j = jnp.arange(self.n, dtype=jnp.int32).reshape(shape)
+    if r:
+      j = j + self.shift  # shifted coordinate of each entry
+      j = jnp.where(j >= self.n, j - self.n, j)
+    big = r * (q + 1)  # the first r strata hold q + 1 entries
+    i = _floordiv(j, q) if not r else jnp.where(j < big, _floordiv(j, q + 1), r + _floordiv(j - big, q))
+    start = i * q + jnp.minimum(i, r)
+    chosen = j - start == self.offsets(i)
+    return jnp.where(chosen, compact.at[i].get(mode="promise_in_bounds"), zero)
 
-    def strata(lo, hi, size):  # strata lo..hi-1, all of `size` entries, as a (hi - lo, size) block
-      col = jax.lax.broadcasted_iota(jnp.int32, (hi - lo, size), 1)
-      return jnp.where(col == offsets[lo:hi, None], compact[lo:hi, None], zero).reshape(-1)
 
-    parts = [strata(0, r, q + 1)] if r else []
-    parts.append(strata(r, self.n_sel, q))
-    if not r:  # equal strata: every entry already has probability 1/q, no shift needed
-      return parts[0].reshape(shape)
-    shifted = jnp.concatenate(parts)
-    return jnp.roll(shifted, -self.shift).reshape(shape)  # entry j sits at (j + shift) mod n
+def _floordiv(j: jax.Array, q: int) -> jax.Array:
+  """floor(j / q) for int32 j in (-2**30, 2**30) with vectorisable float32 ops.
+
+  XLA lowers integer division by a constant to 64-bit multiply-high, which does not vectorise on
+  CPUs. The first float estimate is off by at most a few strata for j >= 2**24; the second step,
+  on a small remainder, is exact.
+  """
+  inv = 1.0 / q
+  i = jnp.floor((j.astype(jnp.float32) + 0.5) * inv).astype(jnp.int32)
+  return i + jnp.floor(((j - i * q).astype(jnp.float32) + 0.5) * inv).astype(jnp.int32)
 
 
 def _resolve_selection(leaves, params):
