@@ -6,6 +6,7 @@ References:
 
 from spam_optax._adam_reset import ScaleByAdamWithResetState, scale_by_adam_with_reset
 from spam_optax._alias import spam
+from spam_optax._scale import scale, scale_by_column_norm
 from spam_optax._schedules import reset_warmup_schedule
 from spam_optax._sparse import SparseMaskState, sparse_mask
 from spam_optax._spike_clip import SpikeClipState, clip_spikes, spike_clip
@@ -31,6 +32,8 @@ __all__ = [
     "SpikeClipState",
     "clip_spikes",
     "reset_warmup_schedule",
+    "scale",
+    "scale_by_column_norm",
     "scale_by_adam_with_reset",
     "sparse_mask",
     "spam",
