@@ -22,6 +22,11 @@ class ScaleByStableSpamAdamState(NamedTuple):
       ``s`` of the official code is a function of it and is not stored.
     mu: first moment, like the params, in ``mu_dtype``.
     nu: second moment, like the params, in ``nu_dtype``.
+
+  Resets are applied lazily: the update after a reset treats the stored moments as zero. So in the
+  official mode ``mu``/``nu`` right after a reset update still hold that update's moments (the
+  official code would store zeros there); every update is identical, and no extra full-size pass
+  (or buffer copy) is needed to write the zeros.
   """
 
   count: chex.Array
@@ -152,8 +157,11 @@ def scale_by_stable_spam_adam(
 
   def update_fn(updates, state, params=None):
     del params
-    reset = _steps.is_reset_step(state.count, reset_interval)
     s = _steps.adam_step(state.count, reset_interval)
+    if corrected_reset:  # zero the moments before the reset update itself
+      start_fresh = _steps.is_reset_step(state.count, reset_interval)
+    else:  # official: the reset update used the old moments; the zeros apply from the next one
+      start_fresh = _steps.is_reset_step(state.count - 1, reset_interval) & (state.count > 0)
     b1_t = b1(state.count) if callable(b1) else b1
 
     def leaf(g, mu, nu):
@@ -161,18 +169,15 @@ def scale_by_stable_spam_adam(
       dt = jnp.promote_types(_steps.stat_dtype(g.dtype), jnp.promote_types(mu.dtype, nu.dtype))
       b1c = jnp.asarray(b1_t, dt)
       gc = g.astype(dt)
-      mu_prev, nu_prev = mu.astype(dt), nu.astype(dt)
-      if corrected_reset:
-        mu_prev = jnp.where(reset, jnp.zeros_like(mu_prev), mu_prev)
-        nu_prev = jnp.where(reset, jnp.zeros_like(nu_prev), nu_prev)
+      # One fusion per moment that reads and overwrites it in place, then one for u reading the
+      # new moments (as optax.adam): reading the old moments for u as well would make XLA copy them.
+      mu_prev = jnp.where(start_fresh, jnp.zeros_like(mu), mu).astype(dt)
+      nu_prev = jnp.where(start_fresh, jnp.zeros_like(nu), nu).astype(dt)
       m = b1c * mu_prev + (1 - b1c) * gc
       v = b2 * nu_prev + (1 - b2) * gc * gc
       bc1 = 1 - _steps.power(b1c, s, dt)
       bc2 = 1 - _steps.power(b2, s, dt)
       u = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
-      if not corrected_reset:  # Official: the zeros take effect from the next update.
-        m = jnp.where(reset, jnp.zeros_like(m), m)
-        v = jnp.where(reset, jnp.zeros_like(v), v)
       return u.astype(g.dtype), m.astype(mu.dtype), v.astype(nu.dtype)
 
     new_updates, new_mu, new_nu = _tree.map_multi(leaf, updates, state.mu, state.nu, n_out=3)

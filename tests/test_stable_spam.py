@@ -632,3 +632,25 @@ def test_sharded_matches_unsharded_on_8_cpu_devices():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "OK" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled-code regression: no full-size buffer copies with donation (PERFORMANCE-NOTES.md).
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("corrected", [False, True])
+def test_no_full_size_copies_in_compiled_step(corrected):
+  import re
+
+  tx = stable_spam(1e-3, reset_interval=5, total_steps=100, corrected_reset=corrected)
+  params = {"a": jnp.zeros((256, 96)), "b": jnp.zeros((96,))}
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+  text = hlo.compile().as_text()
+  copies = re.findall(r"= f32\[(?:256,96|96)\]\{[^}]*\} copy\(", text)
+  assert not copies, copies
