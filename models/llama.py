@@ -134,8 +134,13 @@ def get_config(name: str) -> LlamaConfig:
   return CONFIGS[name]
 
 
-def _normal(std: float, sharding: tuple):
-  return nnx.with_partitioning(nnx.initializers.normal(std), sharding)
+def _param(value: jax.Array, sharding: tuple) -> nnx.Param:
+  """A parameter annotated with its mesh axes (``out_sharding`` metadata).
+
+  Eager sharding is off: the model can be built without a mesh (on one device, or abstractly) and
+  the training script places the state itself, from :func:`param_shardings`.
+  """
+  return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
 
 
 def _gathered(sharding: tuple, shape: tuple[int, ...], mesh: Mesh | None) -> NamedSharding | None:
@@ -151,8 +156,8 @@ class Dense(nnx.Module):
 
   def __init__(self, d_in: int, d_out: int, sharding: tuple, cfg: LlamaConfig, rngs: nnx.Rngs,
                mesh: Mesh | None = None):
-    init = _normal(cfg.init_std, sharding)
-    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), cfg.param_dtype))
+    self.kernel = _param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (d_in, d_out),
+                                                               cfg.param_dtype), sharding)
     self.dtype = cfg.dtype
     self.use_sharding = _gathered(sharding, (d_in, d_out), mesh)
 
@@ -168,8 +173,8 @@ class Embedding(nnx.Module):
 
   def __init__(self, vocab: int, dim: int, sharding: tuple, cfg: LlamaConfig, rngs: nnx.Rngs,
                mesh: Mesh | None = None):
-    init = _normal(cfg.init_std, sharding)
-    self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), cfg.param_dtype))
+    self.embedding = _param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (vocab, dim),
+                                                                  cfg.param_dtype), sharding)
     self.dtype = cfg.dtype
     self.use_sharding = _gathered(sharding, (vocab, dim), mesh)
 
@@ -191,7 +196,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, cfg: LlamaConfig):
     self.eps = cfg.norm_eps
     self.dtype = cfg.dtype
-    self.weight = nnx.Param(jnp.ones((dim,), cfg.param_dtype), out_sharding=(None,))
+    self.weight = _param(jnp.ones((dim,), cfg.param_dtype), (None,))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -336,7 +341,7 @@ def partition_specs(abstract_params: nnx.State) -> dict:
   for path, var in nnx.to_flat_state(abstract_params):
     names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
     flat[path] = P(*names)
-  return nnx.State.from_flat_path(flat).to_pure_dict()
+  return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -357,7 +362,7 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> dict:
   """NamedShardings for the parameters (a pure dict) on `mesh`, from their annotations."""
   specs = partition_specs(abstract_params)
-  shapes = abstract_params.to_pure_dict()
+  shapes = nnx.to_pure_dict(abstract_params)
   return jax.tree_util.tree_map(
       lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)), specs, shapes,
       is_leaf=lambda x: isinstance(x, P))

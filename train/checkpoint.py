@@ -70,9 +70,11 @@ def _key_data(leaf):
   if isinstance(leaf, jax.ShapeDtypeStruct):
     out = jax.eval_shape(jax.random.key_data, leaf)
     sharding = getattr(leaf, "sharding", None)
-    if sharding is not None:
+    if isinstance(sharding, jax.sharding.NamedSharding):  # the key data's extra trailing dim
       spec = tuple(sharding.spec) + (None,) * (len(out.shape) - len(sharding.spec))
       sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+      sharding = None
     return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
   return jax.random.key_data(leaf)
 

@@ -332,13 +332,11 @@ def _text_tokenizer(cfg: Config, train_texts: Callable[[], Iterable[str]], workd
   if kind == "byte":
     return ByteTokenizer()
   if kind == "bpe":
-    saved = workdir / "tokenizer.json"
-    if saved.exists():  # the tokenizer of a run being resumed: never retrain it
-      tok = BPETokenizer.load(saved)
-      if tok.vocab_size != cfg.bpe_vocab:
-        raise ConfigError(f"{saved} has a vocabulary of {tok.vocab_size}, not --bpe-vocab "
-                          f"{cfg.bpe_vocab}; use another --workdir")
-      return tok
+    # Trained once per workdir and vocabulary size; a resumed run loads it, never retrains it.
+    # (The trainer may stop below the requested size when no merges are left.)
+    saved = workdir / f"tokenizer-bpe{cfg.bpe_vocab}.json"
+    if saved.exists():
+      return BPETokenizer.load(saved)
     tok = BPETokenizer.train(train_texts(), cfg.bpe_vocab)
     if jax.process_index() == 0:
       tok.save(saved)

@@ -173,7 +173,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sch
   spike_key = jax.random.fold_in(jax.random.key(cfg.seed), 0x5B1CE)
 
   def loss_fn(params, tokens, weights):
-    model = nnx.merge(graphdef, nnx.State(params))
+    model = nnx.merge(graphdef, params)
     nll = token_nll(model(tokens[:, :-1]), tokens[:, 1:])
     total, count = jnp.sum(nll * weights), jnp.sum(weights)
     return total / jnp.maximum(count, 1.0)
@@ -187,7 +187,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sch
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, weights)
     if cfg.spike_prob > 0 and cfg.spike_mode != "input":
       grads, injected = inject_spikes(cfg, key, grads=grads)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state["step"]), "injected": injected}
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     if spike_count is not None:
@@ -202,7 +202,7 @@ def make_eval_step(graphdef):
   """``eval(params, batch) -> (sum of token NLL, number of target tokens)``."""
 
   def step(params, batch):
-    model = nnx.merge(graphdef, nnx.State(params))
+    model = nnx.merge(graphdef, params)
     tokens, weights = batch["tokens"], batch["weights"]
     nll = token_nll(model(tokens[:, :-1]), tokens[:, 1:])
     return jnp.sum(nll * weights), jnp.sum(weights)
@@ -264,7 +264,7 @@ def run(cfg: Config) -> RunResult:
   def init_state():
     with nnx.use_eager_sharding(False):
       model = Llama(model_cfg, rngs=nnx.Rngs(cfg.seed), mesh=mesh)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   abstract_state = jax.eval_shape(init_state)
@@ -274,135 +274,138 @@ def run(cfg: Config) -> RunResult:
   num_params = models.count_params(abstract_state["params"])
 
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-  compat = compat_record(cfg, model_cfg, dataset)
-  meta = {"compat": compat, "config": cfg.to_dict(),
-          "versions": {"jax": jax.__version__, "flax": _version("flax"),
-                       "optax": optax.__version__}}
-  writer = metrics_lib.MetricsWriter(workdir / "metrics.jsonl", enabled=pi == 0)
-
-  _log(f"model {cfg.model}: {num_params:,} parameters ({cfg.dtype}); optimizer {cfg.optimizer}; "
-       f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
-       f"{pc} process(es)")
-  _log(f"data {dataset.description}")
-
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, saved = checkpointer.restore(latest, abstract_state, compat)
-    start = int(latest)
-    writer.truncate_after(start)
-    old_sched = saved.get("config", {}).get("schedule_steps") or saved.get("config", {}).get("steps")
-    _log(f"resumed from {checkpointer.path(latest)} (step {start})")
-    if old_sched is not None and old_sched != cfg.total_schedule_steps and start < cfg.steps:
-      _log(f"note: the LR schedule now spans {cfg.total_schedule_steps} steps (the checkpointed "
-           f"run planned {old_sched}); pass --schedule-steps {old_sched} to keep it unchanged")
-  else:
-    state = jax.jit(init_state, out_shardings=shardings)()
-    start = 0
-
-  batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-  train_step = jax.jit(
-      make_train_step(cfg, graphdef, tx, schedule, spike_count, dataset.vocab_size),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, NamedSharding(mesh, P())),
-      donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sharding),
-                      out_shardings=NamedSharding(mesh, P()))
-
-  def evaluate(params) -> tuple[float, float, int]:
-    total, count = 0.0, 0.0
-    for local in dataset.val_batches:
-      s, c = eval_step(params, data_lib.global_batch(local, batch_sharding, cfg.batch_size))
-      total += float(s)
-      count += float(c)
-    loss = total / max(count, 1.0)
-    return loss, math.exp(min(loss, 700.0)), int(count)
-
-  def save(step: int) -> None:
-    checkpointer.save(step, state, dict(meta, data_position={
-        "kind": dataset.kind, "step": step, "sequences": step * cfg.batch_size}))
-
-  losses: dict[int, float] = {}
-  pending: list[tuple[int, dict]] = []
-  tokens_per_step = cfg.batch_size * cfg.seq_len
-  spikes_total = 0
-  window_start, window_steps = time.perf_counter(), 0
-  train_time, rate = 0.0, 0.0
-  bar = _progress_bar(cfg, start)
-
-  def flush(extra: dict | None = None) -> None:
-    nonlocal window_start, window_steps, spikes_total, train_time, rate
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    elapsed = time.perf_counter() - window_start
-    train_time += elapsed
-    rate = window_steps * tokens_per_step / max(elapsed, 1e-9)
-    records = []
-    for (s, _), m in zip(pending, fetched):
-      record = {"step": s, **{k: v.item() for k, v in m.items()}}
-      records.append(record)
-      losses[s] = record["loss"]
-      spikes_total += int(record.get("spikes", 0))
-    records[-1]["tokens_per_s"] = rate
-    if extra:
-      records[-1].update(extra)
-    writer.write(records)
-    last = records[-1]
-    if bar is not None:
-      postfix = {"tok/s": f"{rate:,.0f}", "loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}"}
-      if "spikes" in last:
-        postfix["spikes"] = spikes_total
-      bar.set_postfix(postfix, refresh=False)
-    pending.clear()
-    window_start, window_steps = time.perf_counter(), 0
-
-  val_loss = val_ppl = float("nan")
-  val_step = None
   try:
-    for step in range(start, cfg.steps):
-      local = dataset.train.batch(step, cfg.batch_size, pi, pc)
-      batch = data_lib.global_batch(local, batch_sharding, cfg.batch_size)
-      state, step_metrics = train_step(state, batch)
-      done = step + 1
-      pending.append((done, step_metrics))
-      window_steps += 1
-      if bar is not None:
-        bar.update(1)
-      is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-      if is_eval:
-        flush()  # the train records, then time the evaluation separately
-        val_loss, val_ppl, _ = evaluate(state["params"])
-        val_step = done
-        writer.write([{"step": done, "val_loss": val_loss, "val_ppl": val_ppl}])
-        window_start = time.perf_counter()
-        if bar is not None:
-          bar.write(f"step {done}: val loss {val_loss:.4f}, ppl {val_ppl:.3f}")
-      elif done % cfg.log_every == 0:
-        flush()
-      if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-        save(done)
-    flush()
-  finally:
-    if bar is not None:
-      bar.close()
-    checkpointer.wait()
+    compat = compat_record(cfg, model_cfg, dataset)
+    meta = {"compat": compat, "config": cfg.to_dict(),
+            "versions": {"jax": jax.__version__, "flax": _version("flax"),
+                         "optax": optax.__version__}}
+    writer = metrics_lib.MetricsWriter(workdir / "metrics.jsonl", enabled=pi == 0)
 
-  final_step = max(start, cfg.steps)
-  if val_step != final_step:
-    val_loss, val_ppl, _ = evaluate(state["params"])
-  n_tokens = sum(int(b["weights"].sum()) for b in dataset.val_batches) * pc
-  _log(f"final validation (step {final_step}, {n_tokens:,} tokens): loss {val_loss:.4f}, "
-       f"perplexity {val_ppl:.3f}")
-  if cfg.plot and pi == 0:
-    png = metrics_lib.plot_loss_curves(workdir / "metrics.jsonl", workdir / "loss_curve.png",
-                                       title=f"{cfg.model} / {cfg.optimizer}")
-    if png is not None:
-      _log(f"wrote {writer.path} and {png}")
-  checkpointer.close()
-  trained = final_step - start
-  return RunResult(start_step=start, final_step=final_step, val_loss=val_loss, val_ppl=val_ppl,
-                   losses=losses, train_seconds=train_time,
-                   tokens_per_second=trained * tokens_per_step / train_time if train_time else 0.0,
-                   num_params=num_params, workdir=workdir)
+    _log(f"model {cfg.model}: {num_params:,} parameters ({cfg.dtype}); optimizer {cfg.optimizer}; "
+         f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+         f"{pc} process(es)")
+    _log(f"data {dataset.description}")
+
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      state, saved = checkpointer.restore(latest, abstract_state, compat)
+      start = int(latest)
+      writer.truncate_after(start)
+      saved_cfg = saved.get("config", {})
+      old_sched = saved_cfg.get("schedule_steps") or saved_cfg.get("steps")
+      _log(f"resumed from {checkpointer.path(latest)} (step {start})")
+      if old_sched is not None and old_sched != cfg.total_schedule_steps and start < cfg.steps:
+        _log(f"note: the LR schedule now spans {cfg.total_schedule_steps} steps (the checkpointed "
+             f"run planned {old_sched}); pass --schedule-steps {old_sched} to keep it unchanged")
+    else:
+      state = jax.jit(init_state, out_shardings=shardings)()
+      start = 0
+
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    train_step = jax.jit(
+        make_train_step(cfg, graphdef, tx, schedule, spike_count, dataset.vocab_size),
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sharding),
+                        out_shardings=NamedSharding(mesh, P()))
+
+    def evaluate(params) -> tuple[float, float, int]:
+      total, count = 0.0, 0.0
+      for local in dataset.val_batches:
+        s, c = eval_step(params, data_lib.global_batch(local, batch_sharding, cfg.batch_size))
+        total += float(s)
+        count += float(c)
+      loss = total / max(count, 1.0)
+      return loss, math.exp(min(loss, 700.0)), int(count)
+
+    def save(step: int) -> None:
+      checkpointer.save(step, state, dict(meta, data_position={
+          "kind": dataset.kind, "step": step, "sequences": step * cfg.batch_size}))
+
+    losses: dict[int, float] = {}
+    pending: list[tuple[int, dict]] = []
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    spikes_total = 0
+    window_start, window_steps = time.perf_counter(), 0
+    train_time, rate = 0.0, 0.0
+    bar = _progress_bar(cfg, start)
+
+    def flush(extra: dict | None = None) -> None:
+      nonlocal window_start, window_steps, spikes_total, train_time, rate
+      if not pending:
+        return
+      fetched = jax.device_get([m for _, m in pending])
+      elapsed = time.perf_counter() - window_start
+      train_time += elapsed
+      rate = window_steps * tokens_per_step / max(elapsed, 1e-9)
+      records = []
+      for (s, _), m in zip(pending, fetched):
+        record = {"step": s, **{k: v.item() for k, v in m.items()}}
+        records.append(record)
+        losses[s] = record["loss"]
+        spikes_total += int(record.get("spikes", 0))
+      records[-1]["tokens_per_s"] = rate
+      if extra:
+        records[-1].update(extra)
+      writer.write(records)
+      last = records[-1]
+      if bar is not None:
+        postfix = {"tok/s": f"{rate:,.0f}", "loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}"}
+        if "spikes" in last:
+          postfix["spikes"] = spikes_total
+        bar.set_postfix(postfix, refresh=False)
+      pending.clear()
+      window_start, window_steps = time.perf_counter(), 0
+
+    val_loss = val_ppl = float("nan")
+    val_step = None
+    try:
+      for step in range(start, cfg.steps):
+        local = dataset.train.batch(step, cfg.batch_size, pi, pc)
+        batch = data_lib.global_batch(local, batch_sharding, cfg.batch_size)
+        state, step_metrics = train_step(state, batch)
+        done = step + 1
+        pending.append((done, step_metrics))
+        window_steps += 1
+        if bar is not None:
+          bar.update(1)
+        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        if is_eval:
+          flush()  # the train records, then time the evaluation separately
+          val_loss, val_ppl, _ = evaluate(state["params"])
+          val_step = done
+          writer.write([{"step": done, "val_loss": val_loss, "val_ppl": val_ppl}])
+          window_start = time.perf_counter()
+          if bar is not None:
+            bar.write(f"step {done}: val loss {val_loss:.4f}, ppl {val_ppl:.3f}")
+        elif done % cfg.log_every == 0:
+          flush()
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+          save(done)
+      flush()
+    finally:
+      if bar is not None:
+        bar.close()
+      checkpointer.wait()
+
+    final_step = max(start, cfg.steps)
+    if val_step != final_step:
+      val_loss, val_ppl, _ = evaluate(state["params"])
+    n_tokens = sum(int(b["weights"].sum()) for b in dataset.val_batches) * pc
+    _log(f"final validation (step {final_step}, {n_tokens:,} tokens): loss {val_loss:.4f}, "
+         f"perplexity {val_ppl:.3f}")
+    if cfg.plot and pi == 0:
+      png = metrics_lib.plot_loss_curves(workdir / "metrics.jsonl", workdir / "loss_curve.png",
+                                         title=f"{cfg.model} / {cfg.optimizer}")
+      if png is not None:
+        _log(f"wrote {writer.path} and {png}")
+    trained = final_step - start
+    return RunResult(start_step=start, final_step=final_step, val_loss=val_loss, val_ppl=val_ppl,
+                     losses=losses, train_seconds=train_time,
+                     tokens_per_second=trained * tokens_per_step / train_time if train_time else 0.0,
+                     num_params=num_params, workdir=workdir)
+  finally:
+    checkpointer.close()
 
 
 def _progress_bar(cfg: Config, start: int):

@@ -1,0 +1,268 @@
+"""The training script: main job defaults, end to end, mesh, optimizers, spikes, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh
+
+import _jax_cache
+import spam_optax as spam
+from train import main, optimizers
+from train.config import OPTIMIZERS, Config, ConfigError, parse_args
+from train.loop import check_batch, inject_spikes, multihost_environment, parse_mesh
+from train.metrics import MetricsWriter, plot_loss_curves, read_metrics
+
+_jax_cache.enable()
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--eval-batches", "1",
+        "--progress", "false", "--plot", "false", "--eval-every", "1000", "--log-every", "4"]
+
+
+def run_cli(args, devices: int = 1, timeout: int = 300):
+  extra = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} if devices > 1 else {}
+  return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env=_jax_cache.subprocess_env(**extra))
+
+
+def test_no_arguments_is_the_tiny_spam_main_job():
+  cfg = parse_args([])
+  assert (cfg.model, cfg.optimizer, cfg.data, cfg.tokenizer) == ("tiny", "spam", "shakespeare",
+                                                                 "auto")
+  assert cfg.density == 1.0 and cfg.threshold == 5000 and cfg.reset_interval == 500
+  assert cfg.progress and cfg.plot and cfg.mesh is None
+  cfg = parse_args(["--model", "60m", "--optimizer", "adamw", "--steps", "400", "--batch-size",
+                    "8", "--seq-len", "64", "--workdir", "runs/x", "--checkpoint-every", "100",
+                    "--eval-every", "100", "--seed", "0", "--lr", "1e-3", "--data", "x.txt",
+                    "--mesh", "data=2,fsdp=4", "--density", "0.25", "--progress", "false"])
+  assert (cfg.model, cfg.steps, cfg.mesh, cfg.density, cfg.progress) == (
+      "60m", 400, "data=2,fsdp=4", 0.25, False)
+
+
+def test_end_to_end_cli_run_writes_metrics_plot_and_checkpoint(tmp_path):
+  work = tmp_path / "run"
+  args = [a for a in FAST if a not in ("--progress", "--plot", "false")]
+  proc = run_cli(args + ["--workdir", str(work), "--steps", "5", "--eval-every", "5",
+                         "--clip-delay", "1", "--spike-prob", "0.5", "--spike-scale", "10",
+                         "--warmup-steps", "2"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "final validation (step 5" in proc.stdout and "perplexity" in proc.stdout
+  for field in ("tok/s", "loss=", "lr=", "spikes="):  # the progress bar
+    assert field in proc.stderr
+  records = read_metrics(work / "metrics.jsonl")
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+  assert {"loss", "grad_norm", "lr", "spikes", "injected"} <= set(train[0])
+  assert train[0]["lr"] == 0.0 and train[-1]["lr"] > 0  # linear warmup from 0
+  (val,) = [r for r in records if "val_loss" in r]
+  assert val["step"] == 5 and val["val_ppl"] == pytest.approx(np.exp(val["val_loss"]))
+  assert (work / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+  assert (work / "checkpoints" / "5").is_dir()
+  assert np.all(np.isfinite([r["loss"] for r in train]))
+
+
+def test_mesh_data2_fsdp4_on_8_cpu_devices_matches_one_device(tmp_path):
+  args = FAST + ["--steps", "4", "--density", "0.5", "--reset-interval", "3",
+                 "--reset-warmup", "1", "--clip-delay", "1"]
+  proc = run_cli(args + ["--workdir", str(tmp_path / "mesh"), "--mesh", "data=2,fsdp=4"],
+                 devices=8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1} on 8 cpu device(s)" in proc.stdout
+  one = main(args + ["--workdir", str(tmp_path / "one")])
+  sharded = [r for r in read_metrics(tmp_path / "mesh" / "metrics.jsonl") if "loss" in r]
+  np.testing.assert_allclose([r["loss"] for r in sharded], [one.losses[s] for s in range(1, 5)],
+                             rtol=2e-5)
+  val = [r for r in read_metrics(tmp_path / "mesh" / "metrics.jsonl") if "val_loss" in r]
+  assert val[-1]["val_loss"] == pytest.approx(one.val_loss, rel=2e-5)
+
+
+def test_batch_that_does_not_divide_over_the_mesh_is_rejected_before_compiling(tmp_path):
+  proc = run_cli(FAST + ["--workdir", str(tmp_path), "--steps", "2", "--mesh", "data=2,fsdp=4",
+                         "--batch-size", "6"], devices=8)
+  assert proc.returncode == 2
+  assert "--batch-size 6 does not divide over the mesh" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  check_batch(Config(batch_size=16), AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor")))
+  with pytest.raises(ConfigError, match="data=2 x fsdp=4 = 8 devices"):
+    check_batch(Config(batch_size=12), AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor")))
+
+
+class CompileCounter:
+  def __init__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self)
+
+  def __call__(self, name, duration, **kwargs):
+    if name == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+@pytest.fixture(scope="module")
+def compiles():
+  return CompileCounter()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "65m"], "unknown model '65m'; valid models: tiny, 9m, 20m, 35m, 60m, 130m"),
+    (["--optimizer", "adam8bit"], "valid optimizers: spam, stable_spam, adam, adamw, "
+                                  "adam_clip_norm, adam_clip_value, adafactor, galore"),
+    (["--data", "/nonexistent/corpus.txt"], "data path /nonexistent/corpus.txt does not exist"),
+    (["--data", "EMPTY"], "is empty"),
+    (["--seq-len", "300000"], "--seq-len 300000 is longer than the validation data"),
+    (["--mesh", "data=3"], "spans 3 devices but 1 are available"),
+    (["--mesh", "model=1"], "AXIS one of data, fsdp, tensor"),
+    (["--reset-warmup", "600"], "must be < --reset-interval"),
+    (["--optimizer", "adamw", "--density", "0.5"], "--density applies to spam only"),
+    (["--dtype", "fp16"], "valid: fp32, bf16, pure_bf16"),
+])
+def test_bad_input_is_a_clear_error_before_any_compilation(tmp_path, compiles, flags, message):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n")
+  flags = [str(empty) if f == "EMPTY" else f for f in flags]
+  before = compiles.count
+  with pytest.raises(ConfigError) as info:
+    main(FAST + ["--workdir", str(tmp_path / "w"), "--steps", "2"] + flags)
+  assert message in str(info.value)
+  assert compiles.count == before  # nothing was compiled
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_cli_bad_input_exits_2_with_the_message(tmp_path):
+  proc = run_cli(["--optimizer", "sgdd", "--workdir", str(tmp_path)])
+  assert proc.returncode == 2
+  assert "error: unknown optimizer 'sgdd'; valid optimizers: spam," in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def toy_params():
+  rng = np.random.default_rng(0)
+  return {
+      "embed": {"embedding": jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)},
+      "layers": {0: {"attn": {"q_proj": {"kernel": jnp.asarray(rng.normal(size=(8, 16)),
+                                                                jnp.float32)}},
+                     "input_norm": {"weight": jnp.ones(8)}}},
+  }
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_spike_counter_matches_the_clipping_spam_does(density):
+  cfg = Config(threshold=50.0, reset_interval=40, reset_warmup=5, clip_delay=3, density=density)
+  params = toy_params()
+  tx, _ = optimizers.build_optimizer(cfg)
+  no_clip, _ = optimizers.build_optimizer(cfg.replace(threshold=0.0))
+  count = jax.jit(optimizers.spike_counter(cfg))
+  state = tx.init(params)
+  rng = np.random.default_rng(1)
+  counted, truth = [], []
+  for step in range(30):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    if step in (10, 20):  # spikes: a few huge entries in every leaf
+      grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].multiply(1e3), grads)
+    _, new = tx.update(grads, state, params)
+    _, unclipped = no_clip.update(grads, state, params)
+    nu = lambda s: jax.tree.leaves(optimizers._find_state(s, spam.ScaleByAdamWithResetState).nu)
+    truth.append(sum(int(jnp.sum(a != b)) for a, b in zip(nu(new), nu(unclipped))))
+    counted.append(int(count(grads, state, new)))
+    state = new
+  assert counted == truth
+  assert truth[10] > 0 and truth[20] > 0 and sum(truth[:2]) == 0  # none while k < clip_delay
+
+
+def test_spike_counter_is_off_for_other_optimizers():
+  assert optimizers.spike_counter(Config(optimizer="adamw")) is None
+  assert optimizers.spike_counter(Config(log_spikes=False)) is None
+
+
+def test_spike_injection_modes():
+  grads = {"w": jnp.ones((50, 40))}
+  key = jax.random.key(0)
+  out, n = inject_spikes(Config(spike_prob=1.0, spike_scale=100.0), key, grads=grads)
+  assert int(n) == 1 and float(out["w"][0, 0]) == 100.0
+  out, n = inject_spikes(Config(spike_prob=0.0, spike_scale=100.0), key, grads=grads)
+  assert int(n) == 0 and float(out["w"].max()) == 1.0
+  out, n = inject_spikes(Config(spike_prob=0.1, spike_scale=1e3, spike_mode="grad_entries"), key,
+                         grads=grads)
+  assert 100 < int(n) < 300 and int(jnp.sum(out["w"] == 1e3)) == int(n)
+  tokens = jnp.zeros((64, 33), jnp.int32)
+  out, n = inject_spikes(Config(spike_prob=0.5, spike_scale=1.0, spike_mode="input"), key,
+                         tokens=tokens, vocab_size=1000)
+  assert int(jnp.sum(out[:, -1])) == 0  # the last target is never an input: untouched
+  hit_rows = int(jnp.sum(jnp.any(out[:, :-1] != 0, axis=1)))
+  assert 16 < hit_rows < 48 and 0 < int(n) <= hit_rows * 32
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine_to_ten_percent():
+  sched = optimizers.lr_schedule(Config(lr=1e-3, steps=1000, warmup_steps=100))
+  assert float(sched(0)) == 0.0
+  assert float(sched(50)) == pytest.approx(5e-4)
+  assert float(sched(100)) == pytest.approx(1e-3)
+  assert float(sched(550)) == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-4)
+  assert float(sched(1000)) == pytest.approx(1e-4)
+  assert Config(steps=20000).lr_warmup_steps == 1000 and Config(steps=400).lr_warmup_steps == 40
+
+
+def test_projection_mask_selects_attention_and_mlp_kernels_only():
+  mask = optimizers.projection_mask(toy_params())
+  assert mask["layers"][0]["attn"]["q_proj"]["kernel"] is True
+  assert mask["embed"]["embedding"] is False and mask["layers"][0]["input_norm"]["weight"] is False
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_on_the_menu_updates_parameters(name):
+  cfg = Config(optimizer=name, lr=1e-2, warmup_steps=0, steps=10, galore_rank=2, galore_gap=2)
+  tx, _ = optimizers.build_optimizer(cfg)
+  params = toy_params()
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params, toy_params())
+  assert all(np.isfinite(v) and v > 0 for v in jax.tree.leaves(moved)), moved
+
+
+def test_parse_mesh():
+  assert parse_mesh(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert parse_mesh("data=2,fsdp=4", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert parse_mesh("fsdp=2, tensor=2", 4) == {"data": 1, "fsdp": 2, "tensor": 2}
+  for bad, message in [("data=2,data=4", "twice"), ("data=x", "positive integer"),
+                       ("data=0,fsdp=8", ">= 1"), ("data", "AXIS=SIZE")]:
+    with pytest.raises(ConfigError, match=message):
+      parse_mesh(bad, 8)
+
+
+def test_multihost_environment_detection(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+              "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  assert multihost_environment() is None
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+  assert multihost_environment() is None  # a single TPU VM
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+  assert "TPU pod (2 hosts)" == multihost_environment()
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  monkeypatch.setenv("SLURM_JOB_ID", "123")
+  assert multihost_environment().startswith("SLURM")
+
+
+def test_metrics_writer_truncates_on_resume_and_plots(tmp_path):
+  writer = MetricsWriter(tmp_path / "metrics.jsonl")
+  writer.write([{"step": s, "loss": 5.0 - s / 10} for s in range(1, 11)])
+  writer.write([{"step": 10, "val_loss": 4.0, "val_ppl": float(np.exp(4.0))}])
+  writer.write([{"step": 11, "loss": float("nan")}])
+  records = read_metrics(tmp_path / "metrics.jsonl")
+  assert records[-1]["loss"] == "nan"  # still valid JSON
+  writer.truncate_after(6)
+  assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 7))
+  png = plot_loss_curves(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+  assert png.read_bytes()[:4] == b"\x89PNG"
+  MetricsWriter(tmp_path / "other.jsonl", enabled=False).write([{"step": 1, "loss": 1.0}])
+  assert not (tmp_path / "other.jsonl").exists()
+  json.dumps(records)
