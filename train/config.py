@@ -33,7 +33,7 @@ class Config:
   opt_state_dtype: str | None = None  # dtype of the first moment; default: the parameters'
   remat: bool = False
   # Run length and batch.
-  steps: int = 400
+  steps: int = 800
   batch_size: int = 16  # global, in sequences
   seq_len: int = 128
   # Learning rate: linear warmup from 0, then cosine to min_lr_ratio * lr at schedule_steps.

@@ -242,22 +242,35 @@ def _log(*args) -> None:
     print(*args, flush=True)
 
 
-def run(cfg: Config) -> RunResult:
-  """Trains (or resumes) as configured; returns the final validation loss and perplexity."""
-  validate(cfg)
-  maybe_initialize_distributed(cfg)
-  mesh = make_mesh(cfg.mesh)
-  check_batch(cfg, mesh)
-  workdir = Path(cfg.workdir)
-  dataset = data_lib.load_dataset(cfg, workdir)
+def model_config(cfg: Config, vocab_size: int) -> models.LlamaConfig:
+  """The named model with the data's vocabulary and the run's precision."""
   base = models.get_config(cfg.model)
-  model_cfg = base.replace(vocab_size=dataset.vocab_size, remat=cfg.remat,
-                           max_seq_len=max(base.max_seq_len, cfg.seq_len)).with_precision(cfg.dtype)
+  return base.replace(vocab_size=vocab_size, remat=cfg.remat,
+                      max_seq_len=max(base.max_seq_len, cfg.seq_len)).with_precision(cfg.dtype)
+
+
+@dataclasses.dataclass
+class Training:
+  """Everything compiled for a run: the sharded state's layout and the jitted functions."""
+
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: Any  # ShapeDtypeStructs carrying their shardings
+  shardings: Any
+  batch_sharding: NamedSharding
+  init: Callable[[], Any]  # -> a freshly initialised, sharded state
+  train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
+  eval_step: Callable  # (params, batch) -> (sum of NLL, number of tokens)
+
+
+def build_training(cfg: Config, model_cfg: models.LlamaConfig, mesh: Mesh) -> Training:
+  """The optimizer, the abstract train state with its shardings, and the jitted steps.
+
+  Nothing is allocated or compiled here: that happens on the first call of ``init`` / the steps.
+  """
   tx, schedule = optimizers.build_optimizer(cfg)
   spike_count = optimizers.spike_counter(cfg)
-  pi, pc = jax.process_index(), jax.process_count()
-
-  # Abstract state and its shardings: nothing is allocated yet.
   graphdef, abstract_params = nnx.split(models.abstract_model(model_cfg, mesh=mesh), nnx.Param)
   param_sh = models.param_shardings(abstract_params, mesh)
 
@@ -271,6 +284,34 @@ def run(cfg: Config) -> RunResult:
   shardings = state_shardings(abstract_state, param_sh, mesh)
   abstract_state = jax.tree.map(lambda l, s: jax.ShapeDtypeStruct(l.shape, l.dtype, sharding=s),
                                 abstract_state, shardings)
+  batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+  replicated = NamedSharding(mesh, P())
+  train_step = jax.jit(
+      make_train_step(cfg, graphdef, tx, schedule, spike_count, model_cfg.vocab_size),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+      donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sharding),
+                      out_shardings=replicated)
+  return Training(graphdef=graphdef, tx=tx, schedule=schedule, abstract_state=abstract_state,
+                  shardings=shardings, batch_sharding=batch_sharding,
+                  init=jax.jit(init_state, out_shardings=shardings), train_step=train_step,
+                  eval_step=eval_step)
+
+
+def run(cfg: Config) -> RunResult:
+  """Trains (or resumes) as configured; returns the final validation loss and perplexity."""
+  validate(cfg)
+  maybe_initialize_distributed(cfg)
+  mesh = make_mesh(cfg.mesh)
+  check_batch(cfg, mesh)
+  workdir = Path(cfg.workdir)
+  dataset = data_lib.load_dataset(cfg, workdir)
+  model_cfg = model_config(cfg, dataset.vocab_size)
+  pi, pc = jax.process_index(), jax.process_count()
+  built = build_training(cfg, model_cfg, mesh)
+  shardings, abstract_state = built.shardings, built.abstract_state
+  batch_sharding = built.batch_sharding
+  train_step, eval_step = built.train_step, built.eval_step
   num_params = models.count_params(abstract_state["params"])
 
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
@@ -298,16 +339,8 @@ def run(cfg: Config) -> RunResult:
         _log(f"note: the LR schedule now spans {cfg.total_schedule_steps} steps (the checkpointed "
              f"run planned {old_sched}); pass --schedule-steps {old_sched} to keep it unchanged")
     else:
-      state = jax.jit(init_state, out_shardings=shardings)()
+      state = built.init()
       start = 0
-
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    train_step = jax.jit(
-        make_train_step(cfg, graphdef, tx, schedule, spike_count, dataset.vocab_size),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, NamedSharding(mesh, P())),
-        donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sharding),
-                        out_shardings=NamedSharding(mesh, P()))
 
     def evaluate(params) -> tuple[float, float, int]:
       total, count = 0.0, 0.0
