@@ -51,10 +51,11 @@ def adaptive_spike_clip(
   By default :math:`s` is the global update count (``count + 1``). Stable-SPAM's official code
   instead uses a per-tensor step that is restarted at each momentum reset; set
   ``bias_correction_reset_interval`` to the reset interval to reproduce it: after a reset at update
-  ``r``, :math:`s = T - r + 1`, so the *long* running maximum is divided by
-  :math:`1 - \gamma^{2}` (about 500 for :math:`\gamma = 0.999`) right after a reset, which makes the
-  clip practically inactive for a long while. :func:`spam_optax.stable_spam` does this unless
-  ``corrected_reset=True``.
+  ``r``, :math:`s = T - r + 1`, so the long-run :math:`m_{\max}` is divided by
+  :math:`1 - \gamma^{s}` with a small :math:`s` (:math:`\approx 0.002` on the update after the
+  reset for :math:`\gamma = 0.999`): the threshold is then many times the usual maximum and only
+  very large spikes are clipped for a few hundred updates. :func:`spam_optax.stable_spam` does this
+  unless ``corrected_reset=True``.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -62,8 +62,10 @@ def spike_monitor(
   rate it); such infinite scores are counted but left out of ``max_score``. Zero gradients never
   spike and never produce NaN.
 
-  Cost: one extra float buffer per parameter (``nu``) and one fused elementwise pass plus two
-  reductions per leaf; the gradients are returned as the same objects.
+  Cost: one extra float buffer per parameter (``nu``, 4 bytes for float32 gradients) and, per leaf,
+  one reduction pass (count and max together) plus the in-place EMA update; the gradients are
+  returned as the same objects. On LLaMA-60M shapes on a 2-core CPU this is about 0.6x the time of
+  an ``optax.adamw`` step (``benchmarks/spike_monitor_overhead.py``).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -237,10 +237,13 @@ def stable_spam(
   arrays XLA reduces across shards). Zero gradients give zero updates, never NaN.
 
   **Corrected mode** (``corrected_reset=True``). Because the official step :math:`s` restarts at each
-  reset, right after a reset AdaClip divides the *long* running maximum by
-  :math:`1-\gamma_3^{2} \approx 0.002`, so its threshold is about 500x the usual maximum and the clip
-  is effectively off for most of every interval after the first; AdaGN's correction is similarly
-  off. And the reset update uses stale moments with a first-step bias correction. With
+  reset while :math:`m_{\max}` does not, after a reset AdaClip divides a long-run average by
+  :math:`1-\gamma_3^{s}` with a small :math:`s`: with :math:`\gamma_3 = 0.999` and interval 1000 its
+  threshold is ~300x the usual ``max|g|`` on the first update after a reset, ~6x a hundred updates
+  later and ~2.4x after three hundred, so only very large spikes are clipped in the first part of
+  every interval. AdaGN's output norm is ~0.85 instead of ~1 for the first updates after a reset
+  (:math:`\gamma_1 = 0.7, \gamma_2 = 0.9`). And the reset update itself uses the stale moments with
+  a first-step bias correction. With
   ``corrected_reset=True`` the moments are zeroed *before* the reset update (a fresh Adam start with
   :math:`s = 1`) and AdaClip/AdaGN bias-correct with the global count :math:`T`, which is what the
   paper describes. Not the default, since it is not what the published runs used.
