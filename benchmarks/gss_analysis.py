@@ -117,6 +117,7 @@ def main():
   # the per-entry definition bounds the spikes of one entry by (T + 1) / threshold (see the report).
   # Column blocks keep memory bounded.
   per_leaf, per_leaf_tensor = [], []
+  per_step = {t: np.zeros(n_steps, np.int64) for t in set(types)}  # per-entry GSS spikes per step
   block_cols = max(1, (64 << 20) // (4 * n_steps))
   for i in range(len(sizes)):
     lo, hi = int(offsets[i]), int(offsets[i + 1])
@@ -128,7 +129,9 @@ def main():
     for b in range(lo, hi, block_cols):
       a = np.asarray(record[:, b:min(b + block_cols, hi)], np.float32)
       mean = a.mean(axis=0)
-      n_entry += int(np.sum((a > args.threshold * mean) & (mean > 0)))
+      spiked = (a > args.threshold * mean) & (mean > 0)
+      n_entry += int(spiked.sum())
+      per_step[types[i]] += spiked.sum(axis=1)
       n_tensor += int(np.sum(a > args.threshold * tensor_mean)) if tensor_mean > 0 else 0
     per_leaf.append(n_entry)
     per_leaf_tensor.append(n_tensor)
@@ -158,11 +161,18 @@ def main():
           f"{online.get(t, 0):,} | {online.get(t, 0) / n:.4g} | {max_score.get(t, 0):.3g} |")
   print(f"\n(per-entry GSS <= T + 1 = {n_steps}, so one entry spikes at most "
         f"{int(np.ceil(n_steps / args.threshold)) - 1} times: at most that many spikes per param)")
+  tenth = max(n_steps // 10, 1)
+  print(f"\nWhen the per-entry GSS spikes happen (share in each tenth of the run, {tenth} steps):")
+  for t, counts in sorted(per_step.items()):
+    if counts.sum():
+      shares = [counts[k:k + tenth].sum() / counts.sum() for k in range(0, n_steps, tenth)]
+      print(f"  {t}: " + " ".join(f"{x:.2f}" for x in shares))
 
   if args.out:
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(args={k: str(v) for k, v in vars(args).items()}, n_params=n_params,
-                  losses=losses, offline=offline, online=online, online_max_score=max_score,
+                  losses=losses, offline=offline,
+                  per_step_spikes={t: c.tolist() for t, c in per_step.items()}, online=online, online_max_score=max_score,
                   per_leaf={jax.tree_util.keystr(p): {"type": t, "params": n, "spikes": k,
                                                       "spikes_tensor_mean": kt}
                             for (p, _), t, n, k, kt in zip(flat, types, sizes, per_leaf,
