@@ -64,7 +64,7 @@ def spike_monitor(
 
   Cost: one extra float buffer per parameter (``nu``, 4 bytes for float32 gradients) and, per leaf,
   one reduction pass (count and max together) plus the in-place EMA update; the gradients are
-  returned as the same objects. On LLaMA-60M shapes on a 2-core CPU this is about 0.6x the time of
+  returned as the same objects. On LLaMA-60M shapes on a 2-core CPU this is about 0.6-0.7x the time of
   an ``optax.adamw`` step (``benchmarks/spike_monitor_overhead.py``).
 
   Examples:
