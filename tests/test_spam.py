@@ -115,7 +115,9 @@ def test_worked_clipping_example():
 )
 def test_clip_bounded_and_sign_preserving(g, v, theta):
   v = np.resize(v, g.shape)
-  g = np.where(np.abs(g) < 1e-10, np.float32(0), g)  # keep g² out of float32's flushed subnormals
+  # keep g², v and θ v out of float32's subnormals, which XLA on CPU flushes to zero
+  g = np.where(np.abs(g) < 1e-10, np.float32(0), g)
+  v = np.where(v < 1e-30, np.float32(0), v)
   out = np.asarray(spam.clip_spikes(jnp.asarray(g), jnp.asarray(v), np.float32(theta)))
   bound = np.sqrt(np.float32(theta) * v)
   spiked = g.astype(np.float64) ** 2 > theta * v.astype(np.float64) * (1 + 1e-5)
