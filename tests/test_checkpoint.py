@@ -158,3 +158,36 @@ def test_cli_reports_a_corrupt_checkpoint_with_exit_code_2(tmp_path):
   assert proc.returncode == 2
   assert f"error: checkpoint {work.absolute() / 'checkpoints' / '1'} is corrupt" in proc.stderr
   assert "Traceback" not in proc.stderr.split("error:")[-1]
+
+
+@pytest.mark.parametrize("name", ["spam", "spam_sparse", "stable_spam", "adamw", "adam_clip_norm",
+                                  "adafactor", "galore"])
+def test_every_optimizer_state_round_trips_through_a_checkpoint(tmp_path, name):
+  from train import optimizers
+  from train.config import Config
+
+  cfg = Config(optimizer=name.replace("_sparse", ""), density=0.5 if "sparse" in name else 1.0,
+               galore_rank=2, warmup_steps=0, steps=10)
+  tx, _ = optimizers.build_optimizer(cfg)
+  rng = np.random.default_rng(0)
+  params = {"embed": {"embedding": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)},
+            "layers": {0: {"mlp": {"up_proj": {"kernel": jnp.asarray(rng.normal(size=(4, 8)),
+                                                                      jnp.float32)}},
+                           "input_norm": {"weight": jnp.ones(4)}}}}
+  opt_state = tx.init(params)
+  for _ in range(2):
+    updates, opt_state = tx.update(jax.tree.map(jnp.sin, params), opt_state, params)
+    params = optax.apply_updates(params, updates)
+  state = {"step": jnp.asarray(2, jnp.int32), "params": params, "opt_state": opt_state}
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(2, state, {"compat": {}})
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored, _ = ckpt.restore(2, abstract, {})
+  ckpt.close()
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -203,3 +203,62 @@ def test_global_batch_assembles_a_sharded_array():
   local = {"tokens": np.ones((4, 9), np.int32), "weights": np.ones((4, 8), np.float32)}
   out = data_lib.global_batch(local, sharding, 4)
   assert out["tokens"].shape == (4, 9) and out["tokens"].sharding == sharding
+
+
+def test_c4_streaming_code_path_on_local_data(tmp_path, monkeypatch):
+  """--data c4 with stand-ins for `datasets` and the t5 tokenizer (the real ones need the network)."""
+  import sys
+  import types
+
+  docs = [{"text": f"c4 document {i} " * (i % 5 + 1)} for i in range(50)]
+  calls = []
+
+  class Stream:
+    def __init__(self, rows):
+      self.rows = rows
+
+    def shuffle(self, seed):
+      calls.append(("shuffle", seed))
+      return Stream(self.rows[::-1])
+
+    def skip(self, n):
+      return Stream(self.rows[n:])
+
+    def __iter__(self):
+      return iter(self.rows)
+
+  def load_dataset(path, name, split, streaming):
+    calls.append((path, name, split, streaming))
+    return Stream(docs if split == "train" else docs[:6])
+
+  datasets = types.ModuleType("datasets")
+  datasets.load_dataset = load_dataset
+  distributed = types.ModuleType("datasets.distributed")
+  distributed.split_dataset_by_node = lambda ds, rank, world_size: Stream(ds.rows[rank::world_size])
+  datasets.distributed = distributed
+  transformers = types.ModuleType("transformers")
+
+  class AutoTokenizer:
+    @staticmethod
+    def from_pretrained(name, **kwargs):
+      calls.append(("tokenizer", name))
+      return lambda text: {"input_ids": [32050] + list(text.encode()) + [1]}  # a sentinel id
+
+  transformers.AutoTokenizer = AutoTokenizer
+  monkeypatch.setitem(sys.modules, "datasets", datasets)
+  monkeypatch.setitem(sys.modules, "datasets.distributed", distributed)
+  monkeypatch.setitem(sys.modules, "transformers", transformers)
+
+  cfg = Config(data="c4", seq_len=16, batch_size=4, eval_batches=1, workdir=str(tmp_path))
+  ds = data_lib.load_dataset(cfg)
+  assert (ds.kind, ds.tokenizer, ds.vocab_size) == ("documents", "t5", 32000)
+  batches = [ds.train.batch(s, 4)["tokens"] for s in range(3)]
+  assert {("allenai/c4", "en", "train", True), ("allenai/c4", "en", "validation", True),
+          ("tokenizer", "t5-base"), ("shuffle", 0)} <= set(calls)
+  assert batches[0][0, 0] == data_lib.T5Tokenizer.unk_id  # ids >= 32000 map to <unk>
+  assert bytes(batches[2][0, 1:13].tolist()) == b"c4 document "  # shuffled (reversed) order
+  assert bytes(batches[0][0, 1:16].tolist()) == docs[49]["text"].encode()[:15]
+  fresh = data_lib.load_dataset(cfg)
+  np.testing.assert_array_equal(fresh.train.batch(2, 4)["tokens"], batches[2])  # resume: skip
+  # Validation: the first 4 documents; the first has 16 ids (15 targets), the others are cut.
+  assert len(ds.val_batches) == 1 and ds.val_batches[0]["weights"].sum() == 15 + 3 * 16

@@ -266,3 +266,15 @@ def test_metrics_writer_truncates_on_resume_and_plots(tmp_path):
   MetricsWriter(tmp_path / "other.jsonl", enabled=False).write([{"step": 1, "loss": 1.0}])
   assert not (tmp_path / "other.jsonl").exists()
   json.dumps(records)
+
+
+@pytest.mark.slow
+def test_the_default_main_job_learns_shakespeare(tmp_path):
+  """``python -m train`` with no arguments (only the workdir moved): a few minutes on 2 cores."""
+  proc = subprocess.run([sys.executable, "-m", "train", "--workdir", str(tmp_path / "w"),
+                         "--progress", "false"], cwd=REPO, capture_output=True, text=True,
+                        timeout=1800, env=_jax_cache.subprocess_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = [l for l in proc.stdout.splitlines() if l.startswith("final validation")][-1]
+  ppl = float(final.rsplit("perplexity", 1)[1])
+  assert ppl < 7.0, final  # byte-level: uniform is 256, unigram ~ 20

@@ -50,6 +50,8 @@ def to_savable(tree) -> tuple[dict, dict[str, str]]:
   impls: dict[str, str] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     names = [_entry_name(e) for e in path]
+    if _size(leaf) == 0:  # orbax cannot store empty arrays (GaLore's placeholders): rebuilt on load
+      continue
     if _is_key(leaf):
       impls[_path_str(path)] = _key_impl_name(leaf)
       leaf = _key_data(leaf)
@@ -58,6 +60,10 @@ def to_savable(tree) -> tuple[dict, dict[str, str]]:
       node = node.setdefault(name, {})
     node[names[-1]] = leaf
   return nested, impls
+
+
+def _size(leaf) -> int:
+  return int(np.prod(getattr(leaf, "shape", ())))
 
 
 def _key_impl_name(leaf) -> str:
@@ -83,6 +89,9 @@ def from_savable(nested: dict, abstract_tree, impls: dict[str, str]):
   """Inverse of `to_savable`, shaped like `abstract_tree` (keys re-wrapped)."""
   leaves = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]:
+    if _size(leaf) == 0:
+      leaves.append(jax.device_put(np.zeros(leaf.shape, leaf.dtype), getattr(leaf, "sharding", None)))
+      continue
     node = nested
     for e in path:
       node = node[_entry_name(e)]
