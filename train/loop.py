@@ -409,8 +409,11 @@ def run(cfg: Config) -> RunResult:
           val_step = done
           writer.write([{"step": done, "val_loss": val_loss, "val_ppl": val_ppl}])
           window_start = time.perf_counter()
+          line = f"step {done}: val loss {val_loss:.4f}, ppl {val_ppl:.3f}"
           if bar is not None:
-            bar.write(f"step {done}: val loss {val_loss:.4f}, ppl {val_ppl:.3f}")
+            bar.write(line, file=sys.stdout)
+          else:
+            _log(line)
         elif done % cfg.log_every == 0:
           flush()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
