@@ -9,6 +9,7 @@
 ``adam_clip_value`` Adam after element-wise clipping to 1e-3
 ``adafactor``      ``optax.adafactor`` without parameter scaling (the GaLore/SPAM baseline setup)
 ``galore``         ``optax.contrib.galore`` on the projection kernels (rank, gap, scale 0.25)
+``scale``          ``spam_optax.scale``: column-normalised SGD, momentum 0.9 on ``lm_head`` only
 =================  ===========================================================================
 
 Every optimizer takes the same schedule: linear warmup from 0 over ``warmup_steps``, then cosine
@@ -52,6 +53,12 @@ def projection_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(is_projection, params)
 
 
+def output_layer_mask(params) -> Any:
+  """True for the untied output head (``lm_head``), the one leaf SCALE gives momentum."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(path) and _key_name(path[0]) == "lm_head", params)
+
+
 def _import_spam():
   try:
     import spam_optax
@@ -74,7 +81,7 @@ def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sc
     kwargs: dict[str, Any] = dict(
         b1=cfg.b1, b2=cfg.b2, threshold=cfg.threshold, reset_interval=cfg.reset_interval,
         warmup_steps=cfg.reset_warmup, clip_delay=cfg.clip_delay, weight_decay=cfg.weight_decay,
-        mu_dtype=mu_dtype)
+        mu_dtype=mu_dtype, restart_bias_correction=cfg.restart_bias_correction)
     if cfg.density < 1:
       kwargs.update(density=cfg.density, key=jax.random.key(cfg.seed), sparse_leaves=projection_mask)
     try:
@@ -112,6 +119,9 @@ def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sc
                   scale=cfg.galore_scale, weight_decay=cfg.weight_decay,
                   base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
                   mask=projection_mask), sched
+  if name == "scale":
+    spam = _import_spam()
+    return spam.scale(sched, momentum_leaves=output_layer_mask), sched
   raise ConfigError(f"unknown optimizer {name!r}")
 
 
