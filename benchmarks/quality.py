@@ -1,0 +1,532 @@
+"""Final validation loss of every optimizer on the menu, same model, data, token budget and schedule.
+
+The training runs are the training script's own pieces, called in-process (``train.data`` for the
+batches, ``train.optimizers.build_optimizer`` for the optimizer and the paper's schedule -- linear
+warmup from 0 over 10% of the steps, then cosine to 10% of the peak --, ``train.loop.make_train_step``
+and ``make_eval_step`` for the jitted steps, with its spike injection): no checkpoints are written.
+
+Protocol (``python benchmarks/quality.py``):
+
+1. learning-rate grid: every row at every LR of its grid, one seed (seed 0);
+2. the best LR of each row (lowest final validation loss) is re-run with more seeds; if the best LR
+   is at an edge of the grid, the grid is first extended by one value past that edge (once);
+3. reported: final validation loss and perplexity (mean +- sample std over the seeds), the
+   optimizer-state bytes, and the median step time (forward + backward + update) of the run.
+
+Rows: adam, adamw (weight decay 0.1), adam_clip_norm (global norm 1.0), adam_clip_value (1e-3),
+adafactor, spam (dense), spam_d0.25, stable_spam, galore (rank hidden/4), scale.
+
+Results are appended to a JSON file after every run; re-running the same command skips finished runs.
+
+Usage::
+
+  python benchmarks/quality.py                                  # tiny, the full protocol
+  python benchmarks/quality.py --model 9m --rows adam,spam,stable_spam --steps 1000 --seeds 2
+  python benchmarks/quality.py --smoke                          # a few steps, for the tests
+  python benchmarks/quality.py --report-only                    # tables and plots from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import models  # noqa: E402
+from train import data as data_lib  # noqa: E402
+from train import optimizers  # noqa: E402
+from train.config import Config, validate  # noqa: E402
+from train.loop import make_eval_step, make_train_step, model_config  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs"
+
+# Row name -> Config overrides. Everything else is the training script's default.
+ROWS: dict[str, dict[str, Any]] = {
+    "adam": dict(optimizer="adam"),
+    "adamw": dict(optimizer="adamw", weight_decay=0.1),
+    "adam_clip_norm": dict(optimizer="adam_clip_norm"),
+    "adam_clip_value": dict(optimizer="adam_clip_value"),
+    "adafactor": dict(optimizer="adafactor"),
+    "spam": dict(optimizer="spam"),
+    "spam_d0.25": dict(optimizer="spam", density=0.25),
+    "stable_spam": dict(optimizer="stable_spam"),
+    "galore": dict(optimizer="galore"),
+    "scale": dict(optimizer="scale"),
+}
+
+# LR grids (3 values each, x3 apart; the paper swept 1e-4..1e-3 for 60M at 10k steps: our models
+# are smaller and our runs shorter, so the grids sit higher). SCALE's column-normalised step has
+# entries ~1/sqrt(fan-out) of Adam's, so its grid is shifted up.
+GRIDS: dict[str, list[float]] = {
+    "default": [1e-3, 3e-3, 1e-2],
+    "galore": [3e-3, 1e-2, 3e-2],
+    "spam_d0.25": [3e-3, 1e-2, 3e-2],
+    "scale": [3e-3, 1e-2, 3e-2],
+}
+
+
+def grid_for(row: str) -> list[float]:
+  return list(GRIDS.get(row, GRIDS["default"]))
+
+
+# ----------------------------------------------------------------------------- custom optimizers
+
+
+def spike_filter(mode: str, threshold: float, *, b2: float, reset_interval: int, clip_delay: int):
+  """SPAM's spike rule as a standalone transform: ``clip`` (the library's ``spike_clip``) or ``nullify``.
+
+  ``nullify`` is the same detection (``g² > θ v`` against the previous raw ``v``, off during the
+  ``clip_delay`` windows, ``v`` zeroed at resets) but sets the spiked entries to 0 instead of
+  ``sign(g) sqrt(θ v)``; the zeroed entry then enters both moments as 0 (the paper's Appendix K
+  comparison; the library has no nullify option, so it lives here). It keeps its own ``v``, equal to
+  Adam's ``v`` behind it.
+  """
+  import spam_optax as spam
+  from spam_optax import _schedules
+
+  if mode == "clip":
+    return spam.spike_clip(threshold, b2=b2, reset_interval=reset_interval, clip_delay=clip_delay)
+  if mode != "nullify":
+    raise ValueError(f"unknown spike filter mode {mode!r}")
+
+  def init_fn(params):
+    return spam.SpikeClipState(count=jnp.zeros([], jnp.int32), nu=optax.tree.zeros_like(params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    k = _schedules.update_index(state.count)
+    reset = _schedules.is_reset_update(k, reset_interval)
+    active = _schedules.clipping_active(k, reset_interval, clip_delay)
+
+    def leaf(g, v):
+      v_old = jnp.where(reset, 0, v)
+      spike = active & (threshold > 0) & (g * g > threshold * v_old)
+      g = jnp.where(spike, 0, g)
+      return g, b2 * v_old + (1 - b2) * g * g
+
+    flat_g, treedef = jax.tree.flatten(updates)
+    out = [leaf(g, v) for g, v in zip(flat_g, treedef.flatten_up_to(state.nu))]
+    return (treedef.unflatten([o[0] for o in out]),
+            spam.SpikeClipState(count=optax.safe_increment(state.count),
+                                nu=treedef.unflatten([o[1] for o in out])))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def spam_unfused(cfg: Config, mode: str):
+  """SPAM as the unfused chain of its documented pieces, with the spike rule ``clip`` or ``nullify``."""
+  import spam_optax as spam
+  sched = optimizers.lr_schedule(cfg)
+  tx = optax.chain(
+      spike_filter(mode, cfg.threshold, b2=cfg.b2, reset_interval=cfg.reset_interval,
+                   clip_delay=cfg.clip_delay),
+      spam.scale_by_adam_with_reset(cfg.b1, cfg.b2, 1e-6, reset_interval=cfg.reset_interval,
+                                    restart_bias_correction=cfg.restart_bias_correction),
+      optax.scale_by_schedule(spam.reset_warmup_schedule(cfg.reset_interval, cfg.reset_warmup)),
+      optax.scale_by_learning_rate(sched))
+  return tx, sched
+
+
+CUSTOM: dict[str, Callable[[Config], tuple[optax.GradientTransformation, optax.Schedule]]] = {
+    "spam_unfused_clip": lambda cfg: spam_unfused(cfg, "clip"),
+    "spam_nullify": lambda cfg: spam_unfused(cfg, "nullify"),
+}
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@dataclasses.dataclass
+class RunSpec:
+  """One training run. ``overrides`` are Config fields; ``custom`` names a CUSTOM optimizer."""
+
+  model: str
+  row: str
+  lr: float
+  seed: int
+  steps: int
+  overrides: dict = dataclasses.field(default_factory=dict)
+  custom: str | None = None
+
+  def key(self) -> str:
+    extra = ",".join(f"{k}={v}" for k, v in sorted(self.overrides.items()))
+    return f"{self.model}|{self.row}|lr={self.lr:g}|seed={self.seed}|steps={self.steps}|{extra}"
+
+
+_DATASETS: dict[tuple, data_lib.Dataset] = {}
+
+
+def _dataset(cfg: Config) -> data_lib.Dataset:
+  key = (cfg.data, cfg.seq_len, cfg.batch_size, cfg.eval_batches, cfg.seed, cfg.val_fraction)
+  if key not in _DATASETS:
+    with tempfile.TemporaryDirectory() as tmp:
+      _DATASETS[key] = data_lib.load_dataset(cfg, Path(tmp))
+  return _DATASETS[key]
+
+
+def tree_bytes(tree) -> int:
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    total += x.size * x.dtype.itemsize
+  return total
+
+
+def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, log_every: int,
+            num_evals: int) -> dict:
+  """Trains one run and returns its record (final val loss/ppl, curves, state bytes, step time)."""
+  fields = dict(model=spec.model, lr=spec.lr, seed=spec.seed, steps=spec.steps,
+                batch_size=batch_size, seq_len=seq_len, eval_batches=eval_batches, progress=False,
+                plot=False, log_spikes=True)
+  fields.update(ROWS.get(spec.row, {}))
+  fields.update(spec.overrides)
+  cfg = Config(**fields)
+  if cfg.optimizer == "galore":
+    # The paper's GaLore rank is hidden/4 for 60M (128 of 512); keep that ratio.
+    cfg = cfg.replace(galore_rank=max(1, models.get_config(cfg.model).hidden_size // 4))
+  validate(cfg)
+  dataset = _dataset(cfg)
+  model_cfg = model_config(cfg, dataset.vocab_size)
+  if spec.custom:
+    tx, schedule = CUSTOM[spec.custom](cfg)
+  else:
+    tx, schedule = optimizers.build_optimizer(cfg)
+  spike_count = optimizers.spike_counter(cfg) if cfg.optimizer == "spam" else None
+
+  model = models.make_model(model_cfg, seed=cfg.seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  opt_state = tx.init(params)
+  state_bytes = tree_bytes(opt_state)
+  param_count = models.count_params(params)
+  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": opt_state}
+  train_step = jax.jit(make_train_step(cfg, graphdef, tx, schedule, spike_count,
+                                       model_cfg.vocab_size), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef))
+
+  def evaluate(p) -> float:
+    total = count = 0.0
+    for b in dataset.val_batches:
+      s, c = eval_step(p, b)
+      total += float(s)
+      count += float(c)
+    return total / max(count, 1.0)
+
+  eval_at = sorted({max(1, round(spec.steps * i / num_evals)) for i in range(1, num_evals + 1)})
+  train_curve, val_curve, window_times = [], [], []
+  spikes = injected = 0
+  diverged = False
+  pending: list = []
+  t_window = time.perf_counter()
+  compile_s = None
+  val_loss = float("nan")
+  for step in range(spec.steps):
+    batch = dataset.train.batch(step, cfg.batch_size)
+    state, metrics = train_step(state, batch)
+    pending.append(metrics)
+    done = step + 1
+    if compile_s is None:
+      jax.block_until_ready(metrics)
+      compile_s = time.perf_counter() - t_window
+      pending_losses = jax.device_get(pending)
+      pending.clear()
+      train_curve.append((done, float(pending_losses[0]["loss"])))
+      t_window = time.perf_counter()
+      continue
+    if done % log_every == 0 or done == spec.steps or done in eval_at:
+      fetched = jax.device_get(pending)
+      window_times.append((time.perf_counter() - t_window) / len(pending))
+      losses = [float(m["loss"]) for m in fetched]
+      spikes += sum(int(m.get("spikes", 0)) for m in fetched)
+      injected += sum(int(m["injected"]) for m in fetched)
+      pending.clear()
+      train_curve.append((done, float(np.mean(losses))))
+      if not all(math.isfinite(x) for x in losses):
+        diverged = True
+        break
+      if done in eval_at:
+        val_loss = evaluate(state["params"])
+        val_curve.append((done, val_loss))
+      t_window = time.perf_counter()
+  if diverged:
+    val_loss = float("nan")
+  elif not val_curve or val_curve[-1][0] != spec.steps:
+    val_loss = evaluate(state["params"])
+    val_curve.append((spec.steps, val_loss))
+  finite = math.isfinite(val_loss)
+  return {
+      "key": spec.key(), "model": spec.model, "row": spec.row, "lr": spec.lr, "seed": spec.seed,
+      "steps": spec.steps, "overrides": spec.overrides, "custom": spec.custom,
+      "tokens": spec.steps * cfg.batch_size * cfg.seq_len, "params": param_count,
+      "val_loss": val_loss if finite else None,
+      "val_ppl": math.exp(min(val_loss, 700.0)) if finite else None, "diverged": not finite,
+      "state_bytes": state_bytes,
+      "step_ms": 1e3 * statistics.median(window_times) if window_times else None,
+      "compile_s": compile_s, "spikes_clipped": spikes, "injected": injected,
+      "train_curve": [(s, round(l, 5)) for s, l in train_curve],
+      "val_curve": [(s, round(l, 5)) for s, l in val_curve],
+  }
+
+
+# ----------------------------------------------------------------------------- results file
+
+
+class Store:
+  """Run records in a JSON file, keyed by RunSpec.key(); written after every run."""
+
+  def __init__(self, path: Path, meta: dict):
+    self.path = Path(path)
+    self.data = {"meta": meta, "runs": {}}
+    if self.path.exists():
+      old = json.loads(self.path.read_text())
+      self.data["runs"] = old.get("runs", {})
+      self.data["meta"] = {**old.get("meta", {}), **meta}
+
+  def get(self, spec: RunSpec) -> dict | None:
+    return self.data["runs"].get(spec.key())
+
+  def put(self, record: dict) -> None:
+    self.data["runs"][record["key"]] = record
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = self.path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(self.data, indent=None, separators=(",", ":")))
+    tmp.replace(self.path)
+
+  def runs(self) -> list[dict]:
+    return list(self.data["runs"].values())
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return {"device": f"{dev.platform} x{jax.device_count()}", "cpu": cpu, "cores": os.cpu_count(),
+          "jax": jax.__version__, "optax": optax.__version__}
+
+
+def runner_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
+  """Flags shared by quality.py, spikes.py and ablations.py."""
+  parser.add_argument("--model", default="tiny")
+  parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--seq-len", type=int, default=64)
+  parser.add_argument("--eval-batches", type=int, default=48, help="validation batches (fixed)")
+  parser.add_argument("--log-every", type=int, default=25)
+  parser.add_argument("--num-evals", type=int, default=4, help="validation points per run")
+  parser.add_argument("--json", help="results file (default: benchmarks/results/<name>.json)")
+  parser.add_argument("--smoke", action="store_true", help="a few steps, one seed (for tests)")
+  parser.add_argument("--report-only", action="store_true",
+                      help="no training: tables and plots from the JSON")
+  parser.add_argument("--no-plot", action="store_true")
+
+
+def execute(store: Store, spec: RunSpec, args, label: str = "") -> dict:
+  done = store.get(spec)
+  if done is not None:
+    return done
+  t0 = time.perf_counter()
+  rec = run_one(spec, batch_size=args.batch_size, seq_len=args.seq_len,
+                eval_batches=args.eval_batches, log_every=args.log_every,
+                num_evals=args.num_evals)
+  rec["wall_s"] = time.perf_counter() - t0
+  store.put(rec)
+  loss = "diverged" if rec["diverged"] else f"{rec['val_loss']:.4f}"
+  print(f"[{time.strftime('%H:%M:%S')}] {label}{spec.key()}: val {loss}, "
+        f"{rec['step_ms']:.1f} ms/step, {rec['wall_s']:.1f} s", flush=True)
+  return rec
+
+
+def smoke_defaults(args) -> None:
+  """--smoke: a few steps of tiny on short sequences; results to a temporary file."""
+  if args.smoke:
+    args.model, args.steps, args.seq_len, args.batch_size = "tiny", 6, 32, 4
+    args.eval_batches, args.log_every, args.num_evals = 2, 2, 2
+    if not args.json:
+      args.json = str(Path(tempfile.mkdtemp(prefix="bench-smoke-")) / "results.json")
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+  if not values:
+    return float("nan"), float("nan")
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt_mean_std(values: list[float], digits: int = 4) -> str:
+  if not values:
+    return "-"
+  m, s = mean_std(values)
+  return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def fmt_bytes(n: int) -> str:
+  return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def fmt_lr(lr: float) -> str:
+  return f"{lr:.0e}".replace("e-0", "e-")
+
+
+# ----------------------------------------------------------------------------- quality protocol
+
+
+def best_lr(runs: list[dict], row: str, seed: int = 0) -> float | None:
+  cand = [r for r in runs if r["row"] == row and r["seed"] == seed and not r["overrides"]
+          and r["val_loss"] is not None]
+  return min(cand, key=lambda r: r["val_loss"])["lr"] if cand else None
+
+
+def quality_protocol(store: Store, args) -> None:
+  rows = args.rows
+  for row in rows:  # 1. the grid, seed 0
+    grid = grid_for(row) if not args.smoke else grid_for(row)[1:2]
+    for lr in grid:
+      execute(store, RunSpec(args.model, row, lr, 0, args.steps), args, "grid ")
+    if args.smoke or not args.extend_edges:
+      continue
+    lr = best_lr(store.runs(), row)
+    if lr is not None and lr in (grid[0], grid[-1]):  # extend once past the edge it sits on
+      step = grid[1] / grid[0]
+      extra = lr / step if lr == grid[0] else lr * step
+      execute(store, RunSpec(args.model, row, float(f"{extra:.3g}"), 0, args.steps), args, "edge ")
+  for row in rows:  # 2. more seeds at the best LR
+    lr = best_lr(store.runs(), row)
+    if lr is None:
+      print(f"{row}: every LR diverged; no seeds run")
+      continue
+    for seed in range(1, args.seeds):
+      execute(store, RunSpec(args.model, row, lr, seed, args.steps), args, "seed ")
+
+
+def quality_table(runs: list[dict], model: str, steps: int, rows: list[str]) -> str:
+  runs = [r for r in runs if r["model"] == model and r["steps"] == steps and not r["overrides"]]
+  out = ["| optimizer | LR grid (seed 0: final val loss) | best LR | seeds | val loss | val ppl | "
+         "optimizer state | step ms (median) |", "|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    mine = [r for r in runs if r["row"] == row]
+    if not mine:
+      continue
+    grid = sorted((r for r in mine if r["seed"] == 0), key=lambda r: r["lr"])
+    grid_txt = ", ".join(f"{fmt_lr(r['lr'])}: " + ("div." if r["diverged"] else f"{r['val_loss']:.3f}")
+                         for r in grid)
+    lr = best_lr(runs, row)
+    best = [r for r in mine if r["lr"] == lr and not r["diverged"]]
+    losses = [r["val_loss"] for r in best]
+    ppls = [r["val_ppl"] for r in best]
+    steps_ms = [r["step_ms"] for r in best if r["step_ms"]]
+    step_txt = f"{statistics.median(steps_ms):.1f}" if steps_ms else "-"
+    out.append(f"| {row} | {grid_txt} | {fmt_lr(lr) if lr else '-'} | {len(best)} | "
+               f"{fmt_mean_std(losses)} | {fmt_mean_std(ppls, 3)} | "
+               f"{fmt_bytes(mine[0]['state_bytes'])} | {step_txt} |")
+  return "\n".join(out)
+
+
+def plot_quality(runs: list[dict], model: str, steps: int, rows: list[str], path: Path) -> Path | None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  runs = [r for r in runs if r["model"] == model and r["steps"] == steps and not r["overrides"]]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=80)
+  cmap = plt.get_cmap("tab10")
+  plotted = False
+  for i, row in enumerate(rows):
+    lr = best_lr(runs, row)
+    best = [r for r in runs if r["row"] == row and r["lr"] == lr and not r["diverged"]]
+    if not best:
+      continue
+    plotted = True
+    n = min(len(r["train_curve"]) for r in best)
+    steps_ = [best[0]["train_curve"][j][0] for j in range(n)]
+    mean = np.mean([[r["train_curve"][j][1] for j in range(n)] for r in best], axis=0)
+    ax1.plot(steps_, mean, color=cmap(i % 10), lw=1.2, label=f"{row} ({fmt_lr(lr)})",
+             ls="-" if i < 10 else "--")
+    m = min(len(r["val_curve"]) for r in best)
+    vs = [best[0]["val_curve"][j][0] for j in range(m)]
+    vmean = np.mean([[r["val_curve"][j][1] for j in range(m)] for r in best], axis=0)
+    ax2.plot(vs, vmean, color=cmap(i % 10), marker="o", ms=3, lw=1.2, label=row)
+  if not plotted:
+    plt.close(fig)
+    return None
+  ax1.set(xlabel="step", ylabel="train loss (window mean, seed mean)",
+          title=f"{model}: training loss at each optimizer's best LR")
+  finals = [r["val_loss"] for r in runs if r["val_loss"] is not None]
+  if finals:
+    lo = min(finals)
+    ax1.set_ylim(lo - 0.1, lo + 1.5)
+    ax2.set_ylim(lo - 0.05, lo + 0.8)
+  ax2.set(xlabel="step", ylabel="validation loss", title="validation loss (seed mean)")
+  ax1.legend(fontsize=7, ncol=2)
+  ax1.grid(alpha=0.3)
+  ax2.grid(alpha=0.3)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  runner_args(parser, steps=1000)
+  parser.add_argument("--rows", default=",".join(ROWS))
+  parser.add_argument("--seeds", type=int, default=3, help="seeds at the best LR")
+  parser.add_argument("--no-extend-edges", dest="extend_edges", action="store_false",
+                      help="do not extend the grid when the best LR is at its edge")
+  parser.add_argument("--plot", help="loss-curve PNG (default: docs/quality_<model>.png)")
+  args = parser.parse_args(argv)
+  smoke_defaults(args)
+  if args.smoke:
+    args.seeds = 1
+    if args.rows == parser.get_default("rows"):
+      args.rows = "adam,spam,scale"
+  args.rows = [r for r in args.rows.split(",") if r]
+  unknown = [r for r in args.rows if r not in ROWS]
+  if unknown:
+    parser.error(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
+  path = Path(args.json or RESULTS / f"quality_{args.model}.json")
+  store = Store(path, {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
+                       "eval_batches": args.eval_batches, "grids": GRIDS})
+  if not args.report_only:
+    quality_protocol(store, args)
+  print(f"# {args.model}, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens = "
+        f"{args.steps * args.batch_size * args.seq_len:,} tokens; {machine()}")
+  print(quality_table(store.runs(), args.model, args.steps, args.rows))
+  if not args.no_plot and not args.smoke:
+    png = plot_quality(store.runs(), args.model, args.steps, args.rows,
+                       Path(args.plot or DOCS / f"quality_{args.model}.png"))
+    if png:
+      print(f"wrote {png}")
+  print(f"results: {path}")
+  return store
+
+
+if __name__ == "__main__":
+  main()

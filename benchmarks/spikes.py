@@ -1,0 +1,198 @@
+"""Final validation loss as injected spikes grow: Adam, clipping baselines, SPAM and Stable-SPAM.
+
+The training script's spike injection (``--spike-mode``, ``--spike-prob``, ``--spike-scale``), on the
+setup of ``benchmarks/quality.py`` (same model, data, token budget, schedule), each optimizer at its
+best learning rate from the quality grid (seed 0; read from ``benchmarks/results/quality_<model>.json``,
+or ``--lr`` when that file lacks the row). Severity 0 is the clean run of the quality benchmark when
+it is in that file (all its seeds), else it is run here.
+
+Sweeps (``--modes``):
+
+* ``grad_entries``: every gradient entry is multiplied by ``severity`` with probability ``p`` per step
+  (default p = 1e-4, i.e. ~50 entries of the tiny model's 0.47M per step): sparse element-wise
+  spikes, the kind SPAM's clip targets.
+* ``grad``: with probability ``p`` per step (default 0.02, ~20 steps of 1000) the whole gradient is
+  multiplied by ``severity``.
+* ``input``: each sequence is corrupted with probability ``p`` (default 0.1, as the paper's
+  time-series experiment corrupts 10% of inputs); a fraction ``severity`` of its tokens become random.
+
+Usage::
+
+  python benchmarks/spikes.py                       # grad_entries and input sweeps, 1 seed
+  python benchmarks/spikes.py --modes grad --seeds 2
+  python benchmarks/spikes.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from benchmarks import quality as q  # noqa: E402
+
+SWEEPS = {
+    "grad_entries": dict(prob=1e-4, severities=[10.0, 100.0, 1000.0]),
+    "grad": dict(prob=0.02, severities=[10.0, 100.0, 1000.0]),
+    "input": dict(prob=0.1, severities=[0.25, 0.5, 1.0]),
+}
+DEFAULT_ROWS = "adam,adam_clip_norm,spam,stable_spam"
+
+
+def clean_runs(quality_runs: list[dict], model: str, steps: int, row: str, lr: float) -> list[dict]:
+  return [r for r in quality_runs if r["model"] == model and r["steps"] == steps and r["row"] == row
+          and r["lr"] == lr and not r["overrides"] and not r.get("custom")]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  q.runner_args(parser, steps=1000)
+  parser.add_argument("--rows", default=DEFAULT_ROWS)
+  parser.add_argument("--modes", default="grad_entries,input")
+  parser.add_argument("--seeds", type=int, default=1)
+  parser.add_argument("--lr", type=float, default=3e-3,
+                      help="LR for a row missing from the quality results")
+  parser.add_argument("--quality-json", help="default: benchmarks/results/quality_<model>.json")
+  args = parser.parse_args(argv)
+  q.smoke_defaults(args)
+  if args.smoke:
+    args.seeds = 1
+    if args.rows == DEFAULT_ROWS:
+      args.rows = "spam"
+    if args.modes == parser.get_default("modes"):
+      args.modes = "input"
+  rows = [r for r in args.rows.split(",") if r]
+  modes = [m for m in args.modes.split(",") if m]
+  for m in modes:
+    if m not in SWEEPS:
+      parser.error(f"unknown mode {m!r}; valid: {', '.join(SWEEPS)}")
+  qpath = Path(args.quality_json or q.RESULTS / f"quality_{args.model}.json")
+  quality_runs = [] if args.smoke or not qpath.exists() else list(
+      json.loads(qpath.read_text())["runs"].values())
+  lrs, lr_source = {}, {}
+  for row in rows:
+    best = q.best_lr([r for r in quality_runs if r["model"] == args.model
+                      and r["steps"] == args.steps], row)
+    lrs[row] = best if best is not None else args.lr
+    lr_source[row] = "quality grid" if best is not None else "--lr"
+  path = Path(args.json or q.RESULTS / f"spikes_{args.model}.json")
+  store = q.Store(path, {"machine": q.machine(), "batch_size": args.batch_size,
+                         "seq_len": args.seq_len, "sweeps": SWEEPS, "lrs": lrs,
+                         "lr_source": lr_source})
+
+  def severities(mode):
+    sev = SWEEPS[mode]["severities"]
+    return sev[-1:] if args.smoke else sev
+
+  if not args.report_only:
+    for row in rows:  # clean runs missing from the quality results
+      if not clean_runs(quality_runs, args.model, args.steps, row, lrs[row]):
+        for seed in range(args.seeds):
+          q.execute(store, q.RunSpec(args.model, row, lrs[row], seed, args.steps), args, "clean ")
+    for mode in modes:
+      for sev in severities(mode):
+        for row in rows:
+          for seed in range(args.seeds):
+            over = dict(spike_mode=mode, spike_prob=SWEEPS[mode]["prob"], spike_scale=sev)
+            q.execute(store, q.RunSpec(args.model, row, lrs[row], seed, args.steps, over), args,
+                      f"{mode} ")
+
+  runs = store.runs()
+  table = {}  # (mode, row) -> {severity: [losses]}; diverged runs count as None
+  for row in rows:
+    clean = clean_runs(quality_runs, args.model, args.steps, row, lrs[row]) or clean_runs(
+        runs, args.model, args.steps, row, lrs[row])
+    for mode in modes:
+      d = table.setdefault((mode, row), {})
+      d[0.0] = [r["val_loss"] for r in clean]
+      for r in runs:
+        o = r["overrides"]
+        if r["row"] == row and o.get("spike_mode") == mode and r["lr"] == lrs[row] \
+           and r["steps"] == args.steps and o.get("spike_prob") == SWEEPS[mode]["prob"]:
+          d.setdefault(o["spike_scale"], []).append(r["val_loss"])
+  print(f"# {args.model}, {args.steps} steps x {args.batch_size} x {args.seq_len}; LRs {lrs} "
+        f"({lr_source})")
+  for mode in modes:
+    sev = [0.0] + severities(mode)
+    print(f"\n{mode} (p = {SWEEPS[mode]['prob']:g}): final validation loss (mean ± std over seeds; "
+          "severity 0 = clean)\n")
+    print("| optimizer | LR | " + " | ".join(f"severity {s:g}" for s in sev) + " |")
+    print("|---|---|" + "---|" * len(sev))
+    for row in rows:
+      d = table[(mode, row)]
+      cells = []
+      for s in sev:
+        vals = d.get(s, [])
+        ok = [v for v in vals if v is not None]
+        cell = q.fmt_mean_std(ok, 3) if ok else "-"
+        if len(ok) < len(vals):
+          cell += f" ({len(vals) - len(ok)} diverged)"
+        cells.append(cell)
+      print(f"| {row} | {q.fmt_lr(lrs[row])} | " + " | ".join(cells) + " |")
+  if not args.no_plot and not args.smoke:
+    for png in plot(runs, table, rows, modes, lrs, args):
+      print(f"wrote {png}")
+  print(f"results: {path}")
+
+
+def plot(runs, table, rows, modes, lrs, args) -> list[Path]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cmap = plt.get_cmap("tab10")
+  out = []
+  fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4), dpi=80, squeeze=False)
+  for ax, mode in zip(axes[0], modes):
+    sev = SWEEPS[mode]["severities"]
+    xs = list(range(len(sev) + 1))
+    for i, row in enumerate(rows):
+      d = table[(mode, row)]
+      means = [np.mean([v for v in d.get(s, []) if v is not None] or [np.nan]) for s in [0.0] + sev]
+      ax.plot(xs, means, marker="o", color=cmap(i), label=f"{row} ({q.fmt_lr(lrs[row])})")
+    ax.set_xticks(xs, ["clean"] + [f"{s:g}" for s in sev])
+    kind = "x gradient" if mode.startswith("grad") else "fraction of tokens"
+    ax.set(xlabel=f"severity ({kind}), p = {SWEEPS[mode]['prob']:g}", ylabel="final val loss",
+           title=f"{args.model}: spikes injected ({mode})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = q.DOCS / f"spikes_severity_{args.model}.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  out.append(path)
+
+  fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4), dpi=80, squeeze=False)
+  for ax, mode in zip(axes[0], modes):
+    sev = SWEEPS[mode]["severities"][-1]
+    lo = []
+    for i, row in enumerate(rows):
+      mine = [r for r in runs if r["row"] == row and r["overrides"].get("spike_mode") == mode
+              and r["overrides"].get("spike_scale") == sev and r["lr"] == lrs[row]
+              and r["seed"] == 0 and r["steps"] == args.steps]
+      if not mine:
+        continue
+      c = mine[0]["train_curve"]
+      ax.plot([s for s, _ in c], [l for _, l in c], color=cmap(i), lw=1.2, label=row)
+      lo += [l for _, l in c[len(c) // 2:]]
+    if lo:
+      ax.set_ylim(min(lo) - 0.1, min(lo) + 1.5)
+    ax.set(xlabel="step", ylabel="train loss (25-step mean)",
+           title=f"{mode}, severity {sev:g}, p = {SWEEPS[mode]['prob']:g} (seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = q.DOCS / f"spikes_curves_{args.model}.png"
+  fig.savefig(path)
+  plt.close(fig)
+  out.append(path)
+  return out
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,53 @@
+"""The quality, spike and ablation benchmarks run end to end for a few steps (``--smoke``).
+
+The full runs are benchmarks, not tests (see benchmarks/QUALITY.md); here each script trains a few
+steps of the tiny model on short sequences, in-process, and must print its table.
+"""
+
+import math
+
+import pytest
+
+from benchmarks import ablations, quality, spikes
+
+
+def test_quality_smoke(tmp_path, capsys):
+  store = quality.main(["--smoke", "--json", str(tmp_path / "q.json")])
+  runs = store.runs()
+  assert {r["row"] for r in runs} == {"adam", "spam", "scale"}
+  for r in runs:
+    assert math.isfinite(r["val_loss"]) and r["state_bytes"] > 0 and r["step_ms"] > 0
+  out = capsys.readouterr().out
+  assert "| scale |" in out and "optimizer state" in out
+  # SCALE's only state is the output layer's momentum: far less than Adam's two moments.
+  by_row = {r["row"]: r["state_bytes"] for r in runs}
+  assert by_row["scale"] < by_row["adam"] / 4
+
+
+def test_spikes_smoke(tmp_path, capsys):
+  spikes.main(["--smoke", "--json", str(tmp_path / "s.json")])
+  out = capsys.readouterr().out
+  assert "input (p = 0.1)" in out and "| spam |" in out
+
+
+def test_ablations_smoke(tmp_path, capsys):
+  ablations.main(["--smoke", "--json", str(tmp_path / "a.json")])
+  out = capsys.readouterr().out
+  assert "restarted at each reset" in out and "clip (unfused chain)" in out
+
+
+def test_nullify_zeroes_what_clip_clips():
+  import jax.numpy as jnp
+  import optax
+  g0 = {"w": jnp.full((4,), 1.0)}
+  spike = {"w": jnp.array([1.0, 1.0, 1e4, -1e4])}
+  outs = {}
+  for mode in ("clip", "nullify"):
+    tx = quality.spike_filter(mode, 5000.0, b2=0.999, reset_interval=500, clip_delay=2)
+    state = tx.init(g0)
+    for _ in range(3):
+      _, state = tx.update(g0, state)
+    outs[mode], _ = tx.update(spike, state)
+  assert outs["clip"]["w"][0] == outs["nullify"]["w"][0] == 1.0
+  assert float(outs["nullify"]["w"][2]) == float(outs["nullify"]["w"][3]) == 0.0
+  assert 0 < float(outs["clip"]["w"][2]) < 1e4 and float(outs["clip"]["w"][3]) < 0
