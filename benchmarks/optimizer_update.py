@@ -65,9 +65,9 @@ def torch_steppers(shapes):
       p.grad = 0.02 * torch.randn_like(p)
     opt = opt_factory(params)
     opt.step()
-    state_bytes = sum(
-        v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-        if torch.is_tensor(v) and v.dim() > 0
+    state_bytes = sum(  # every per-parameter tensor the optimizer keeps (masks included)
+        v.numel() * v.element_size() for st in opt.state.values() if isinstance(st, dict)
+        for v in st.values() if torch.is_tensor(v) and v.dim() > 0
     )
     return opt.step, state_bytes
 
