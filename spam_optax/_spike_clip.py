@@ -17,7 +17,7 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def clip_spikes(g: jax.Array, v: jax.Array, threshold, active=True) -> jax.Array:
+def clip_spikes(g: jax.Array, v: jax.Array, threshold, active=True, nullify=False) -> jax.Array:
   r"""Clips spiked entries of `g` to the spike boundary ``sqrt(θ v)``, keeping their sign.
 
   .. math::
@@ -26,10 +26,11 @@ def clip_spikes(g: jax.Array, v: jax.Array, threshold, active=True) -> jax.Array
 
   `v` is the raw (not bias-corrected) EMA of squared gradients from *before* this gradient. Nothing
   is clipped when `active` is false or ``threshold <= 0``. An inf entry is clipped; a NaN entry is
-  not (NaN compares false) and passes through.
+  not (NaN compares false) and passes through. ``nullify=True`` sets spiked entries to 0 instead
+  (the paper's Appendix K ablation).
   """
   spike = active & (threshold > 0) & (g * g > threshold * v)
-  return jnp.where(spike, jnp.sign(g) * jnp.sqrt(threshold * v), g)
+  return jnp.where(spike, 0 if nullify else jnp.sign(g) * jnp.sqrt(threshold * v), g)
 
 
 def clipped_square(g: jax.Array, v: jax.Array, threshold, active=True) -> jax.Array:
@@ -56,6 +57,7 @@ def spike_clip(
     reset_interval: int = 500,
     clip_delay: int = 20,
     nu_dtype=None,
+    nullify: bool = False,
 ) -> optax.GradientTransformation:
   r"""Clips gradient spikes element-wise against a running second moment, as SPAM does.
 
@@ -82,6 +84,7 @@ def spike_clip(
     reset_interval: ΔT; ``v`` is zeroed at every update k with k % ΔT == 0.
     clip_delay: no clipping while ``k < clip_delay`` or ``k % ΔT < clip_delay``.
     nu_dtype: dtype of ``v``; defaults to the dtype of the gradient.
+    nullify: zero spiked entries instead of clipping them (the paper's clip-vs-nullify ablation).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -107,7 +110,7 @@ def spike_clip(
     def leaf(g, v):
       dt = compute_dtype(g.dtype)
       v_old = jnp.where(reset, 0, v.astype(dt))
-      clipped = clip_spikes(g.astype(dt), v_old, threshold, active)
+      clipped = clip_spikes(g.astype(dt), v_old, threshold, active, nullify)
       v_new = b2 * v_old + (1 - b2) * clipped * clipped
       return clipped.astype(g.dtype), v_new.astype(v.dtype)
 

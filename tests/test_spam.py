@@ -105,6 +105,8 @@ def test_worked_clipping_example():
   assert float(spam.clip_spikes(jnp.float32(-1000.0), v, 5000.0)) == -float(clipped)
   assert float(spam.clip_spikes(jnp.float32(10.0), v, 5000.0)) == 10.0
   assert float(spam.clip_spikes(jnp.float32(1000.0), v, 0.0)) == 1000.0  # θ = 0 disables
+  assert float(spam.clip_spikes(jnp.float32(1000.0), v, 5000.0, nullify=True)) == 0.0
+  assert float(spam.clip_spikes(jnp.float32(10.0), v, 5000.0, nullify=True)) == 10.0
 
 
 @settings(max_examples=60, deadline=None)
