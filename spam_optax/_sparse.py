@@ -2,21 +2,22 @@
 
 How the subset is drawn (no full-size mask or index array is ever stored):
 
-* A selected leaf of ``n`` entries keeps ``n_sel = max(1, round(d n))`` of them. Its flat indices,
-  cyclically shifted by a random ``shift``, are cut into ``n_sel`` consecutive strata (the first
-  ``n - q n_sel`` of ``q + 1`` entries, the rest of ``q``, with ``q = n // n_sel``), and one entry is
-  drawn uniformly inside each stratum.
-* ``shift`` and the draws come from a counter-based hash (murmur3's 32-bit finaliser) of the stratum
-  index, seeded by ``jax.random.fold_in(fold_in(key, leaf_index), reset_index)``. So the subset is a
-  pure function of (key, leaf, reset index): identical on every device and host and after a
-  restore, different for different keys, re-drawn at every reset.
-* Every entry is selected with probability exactly ``n_sel / n`` (the random shift averages the two
-  stratum sizes), but not independently: exactly one entry per stratum, so every region of the
-  tensor gets its share, where the authors draw entries independently.
-* Nothing is scattered. The subset's gradients are gathered at indices that are sorted up to one
-  wrap-around, and the full-size update is rebuilt entry by entry (which stratum am I in, am I its
-  chosen entry): a few integer ops per entry that XLA fuses into the parameter update, so the
-  sparse step reads the full parameters once and the moments only for the subset.
+* A selected leaf of ``n`` entries keeps ``n_sel = max(1, round(d n))`` of them. Its flat indices
+  are cut into ``n_sel`` consecutive strata (with ``q, r = divmod(n, n_sel)``: ``r`` strata of
+  ``q + 1`` entries, then ``n_sel - r`` of ``q``) and one entry is drawn uniformly inside each.
+  When ``r > 0`` the strata start at a random ``shift`` (cyclically), so that every entry, not just
+  on average, has the same probability ``n_sel / n``; with equal strata no shift is needed.
+* Two 32-bit seeds (the draw seed and ``shift``) come from
+  ``jax.random.fold_in(fold_in(key, leaf_index), reset_index)``; the draw inside stratum ``i`` is a
+  counter-based hash (murmur3's 32-bit finaliser) of ``i`` and the seed. So the subset is a pure
+  function of (key, leaf, reset index): identical on every device and host and after a restore,
+  different for different keys, re-drawn at every reset, and never stored.
+* The draw is stratified, not independent as in the authors' code: exactly one entry per stratum, so
+  every region of the tensor gets its share, and the size is exact (``n_sel``) at every re-draw.
+* Nothing is scattered. The subset's gradients are gathered at indices that are sorted (up to one
+  wrap-around when shifted), and the full-size update is rebuilt entry by entry (which stratum is
+  this entry in, is it the chosen one), which XLA fuses into the parameter update: the sparse step
+  reads the full parameters once and the moments only for the subset.
 """
 
 from __future__ import annotations
