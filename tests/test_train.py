@@ -278,3 +278,27 @@ def test_the_default_main_job_learns_shakespeare(tmp_path):
   final = [l for l in proc.stdout.splitlines() if l.startswith("final validation")][-1]
   ppl = float(final.rsplit("perplexity", 1)[1])
   assert ppl < 7.0, final  # byte-level: uniform is 256, unigram ~ 20
+
+
+def test_spike_monitor_logs_per_layer_type_and_writes_the_report(tmp_path):
+  work = tmp_path / "run"
+  main(["--steps", "12", "--batch-size", "4", "--seq-len", "16", "--eval-every", "12",
+        "--checkpoint-every", "6", "--log-every", "3", "--eval-batches", "1", "--progress", "false",
+        "--spike-monitor", "5", "--workdir", str(work)])
+  records = [r for r in read_metrics(work / "metrics.jsonl") if "loss" in r]
+  types = ("embedding", "attention", "ffn", "norm", "lm_head")
+  assert all(f"spikes_{t}" in r for r in records for t in types)
+  totals = [json.loads(l) for l in (work / "spike_layers.jsonl").read_text().splitlines()]
+  assert [t["step"] for t in totals] == [3, 6, 9, 12]
+  # the per-step counts by type add up to the cumulative per-tensor totals
+  assert sum(r[f"spikes_{t}"] for r in records for t in types) == sum(totals[-1]["totals"].values())
+  assert "layers/0/attn/q_proj/kernel" in totals[-1]["totals"]
+  report = (work / "spike_report.md").read_text()
+  assert all(f"| {t} |" in report for t in types)
+  assert (work / "spike_heatmap.png").stat().st_size > 1000
+  # resuming to a longer run continues the per-tensor log from the checkpoint
+  main(["--steps", "15", "--batch-size", "4", "--seq-len", "16", "--eval-every", "12",
+        "--checkpoint-every", "6", "--log-every", "3", "--eval-batches", "1", "--progress", "false",
+        "--spike-monitor", "5", "--workdir", str(work), "--schedule-steps", "12"])
+  steps = [json.loads(l)["step"] for l in (work / "spike_layers.jsonl").read_text().splitlines()]
+  assert steps == [3, 6, 9, 12, 15]

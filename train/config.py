@@ -78,6 +78,7 @@ class Config:
   progress: bool = True
   plot: bool = True
   log_spikes: bool = True  # count spike-clipped gradient entries (SPAM only; a cheap extra pass)
+  spike_monitor: float = 0.0  # > 0: per-layer spike counts (score g²/v above it) and a report
   # Scale.
   mesh: str | None = None  # e.g. data=2,fsdp=4 (axes: data, fsdp, tensor); default: all on data
   coordinator_address: str | None = None
@@ -124,6 +125,8 @@ _HELP = {
     "restart_bias_correction": "SPAM: restart the bias-correction count at every reset (not the "
                                "authors' code, whose post-reset steps are ~1.9x larger)",
     "spike_mode": f"spike injection ({', '.join(SPIKE_MODES)})",
+    "spike_monitor": "threshold of the online spike score g²/v (the paper uses 50): log spikes per "
+                     "layer type and write spike_report.md and spike_heatmap.png (0: off)",
 }
 
 
@@ -206,6 +209,7 @@ def validate(cfg: Config) -> None:
   _require(0 <= cfg.lr_warmup_steps <= cfg.total_schedule_steps,
            f"--warmup-steps ({cfg.lr_warmup_steps}) must be in [0, schedule steps "
            f"({cfg.total_schedule_steps})]")
+  _require(cfg.spike_monitor >= 0, f"--spike-monitor must be >= 0, got {cfg.spike_monitor}")
   _require(0 <= cfg.spike_prob <= 1, f"--spike-prob must be in [0, 1], got {cfg.spike_prob}")
   if cfg.spike_mode == "input" and cfg.spike_prob > 0:
     _require(0 < cfg.spike_scale <= 1,

@@ -28,6 +28,7 @@ from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import optimizers
+from train import spike_report
 from train.config import Config, ConfigError, validate
 
 # ----------------------------------------------------------------------------- scale
@@ -192,6 +193,8 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sch
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     if spike_count is not None:
       metrics["spikes"] = spike_count(grads, state["opt_state"], opt_state)
+    if cfg.spike_monitor > 0:
+      metrics.update(spike_report.step_counts_by_type(opt_state))
     params = optax.apply_updates(state["params"], updates)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -231,6 +234,7 @@ def compat_record(cfg: Config, model_cfg: models.LlamaConfig, dataset: data_lib.
   model = {k: (str(jnp.dtype(v)) if k in ("dtype", "param_dtype") else v)
            for k, v in dataclasses.asdict(model_cfg).items() if k not in ("max_seq_len", "remat")}
   opt = {k: getattr(cfg, k) for k in ("optimizer", "opt_state_dtype")}
+  opt["spike_monitor"] = cfg.spike_monitor > 0  # it adds a state to the chain
   if cfg.optimizer == "spam":
     opt.update(density=cfg.density, reset_interval=cfg.reset_interval)
   return {"model": model, "optimizer": opt, "data": dataset.fingerprint,
@@ -332,6 +336,8 @@ def run(cfg: Config) -> RunResult:
       state, saved = checkpointer.restore(latest, abstract_state, compat)
       start = int(latest)
       writer.truncate_after(start)
+      if pi == 0:
+        spike_report.truncate_after(workdir / "spike_layers.jsonl", start)
       saved_cfg = saved.get("config", {})
       old_sched = saved_cfg.get("schedule_steps") or saved_cfg.get("steps")
       _log(f"resumed from {checkpointer.path(latest)} (step {start})")
@@ -382,10 +388,17 @@ def run(cfg: Config) -> RunResult:
         records[-1].update(extra)
       writer.write(records)
       last = records[-1]
+      if cfg.spike_monitor > 0 and pi == 0:
+        spike_report.append_totals(workdir / "spike_layers.jsonl", last["step"],
+                                   spike_report.per_tensor_totals(state["opt_state"]))
       if bar is not None:
         postfix = {"tok/s": f"{rate:,.0f}", "loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}"}
         if "spikes" in last:
           postfix["spikes"] = spikes_total
+        if cfg.spike_monitor > 0:  # this window's spikes per layer type: embedding, attention ...
+          by_type = {k[len("spikes_"):]: sum(r[k] for r in records)
+                     for k in last if k.startswith("spikes_")}
+          postfix["gss"] = " ".join(f"{t[:4]}:{n}" for t, n in by_type.items())
         bar.set_postfix(postfix, refresh=False)
       pending.clear()
       window_start, window_steps = time.perf_counter(), 0
@@ -435,6 +448,10 @@ def run(cfg: Config) -> RunResult:
                                          title=f"{cfg.model} / {cfg.optimizer}")
       if png is not None:
         _log(f"wrote {writer.path} and {png}")
+    if cfg.spike_monitor > 0 and pi == 0:
+      written = spike_report.write_report(workdir, state["params"], cfg.spike_monitor)
+      if written is not None:
+        _log("wrote " + " and ".join(str(p) for p in written if p is not None))
     trained = final_step - start
     return RunResult(start_step=start, final_step=final_step, val_loss=val_loss, val_ppl=val_ppl,
                      losses=losses, train_seconds=train_time,

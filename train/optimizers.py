@@ -68,7 +68,14 @@ def _import_spam():
 
 
 def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer named by ``cfg.optimizer`` with the paper's schedule."""
+  """The optimizer named by ``cfg.optimizer`` with the paper's schedule (and spike monitor)."""
+  tx, sched = _named_optimizer(cfg)
+  if cfg.spike_monitor > 0:
+    tx = optax.chain(_import_spam().spike_monitor(cfg.spike_monitor), tx)
+  return tx, sched
+
+
+def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   sched = lr_schedule(cfg)
   mu_dtype = jnp.dtype(cfg.opt_state_dtype) if cfg.opt_state_dtype else None
   name = cfg.optimizer
