@@ -30,7 +30,7 @@ class Config:
   model: str = "tiny"
   optimizer: str = "spam"
   dtype: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 params) | pure_bf16
-  opt_state_dtype: str | None = None  # dtype of the first moment; default: the parameters'
+  opt_state_dtype: str | None = None  # dtype of the moments; default float32
   remat: bool = False
   # Run length and batch.
   steps: int = 800
@@ -112,7 +112,8 @@ _HELP = {
     "model": f"model config ({', '.join(CONFIGS)})",
     "optimizer": f"optimizer ({', '.join(OPTIMIZERS)})",
     "dtype": f"numerics ({', '.join(DTYPES)})",
-    "opt_state_dtype": "dtype of optimizer moments (e.g. bfloat16); default: the parameters'",
+    "opt_state_dtype": "dtype of optimizer moments (float32, bfloat16, float16); default float32 "
+                       "(SPAM: both moments; optax's Adam family: the first moment)",
     "steps": "total optimizer steps; rerunning with a larger value resumes from the workdir",
     "batch_size": "global batch size in sequences",
     "schedule_steps": "length of the cosine LR schedule (default: --steps; set it to resume "

@@ -77,7 +77,9 @@ def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sc
 
 def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   sched = lr_schedule(cfg)
-  mu_dtype = jnp.dtype(cfg.opt_state_dtype) if cfg.opt_state_dtype else None
+  # Optimizer state in float32 unless asked otherwise, also with pure-bf16 parameters: in bf16,
+  # v * 0.999 rounds back to v and the second moment never decays (SPEC §4).
+  mu_dtype = jnp.dtype(cfg.opt_state_dtype or "float32")
   name = cfg.optimizer
 
   def adam():
@@ -88,7 +90,7 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
     kwargs: dict[str, Any] = dict(
         b1=cfg.b1, b2=cfg.b2, threshold=cfg.threshold, reset_interval=cfg.reset_interval,
         warmup_steps=cfg.reset_warmup, clip_delay=cfg.clip_delay, weight_decay=cfg.weight_decay,
-        mu_dtype=mu_dtype, restart_bias_correction=cfg.restart_bias_correction)
+        mu_dtype=mu_dtype, nu_dtype=mu_dtype, restart_bias_correction=cfg.restart_bias_correction)
     if cfg.density < 1:
       kwargs.update(density=cfg.density, key=jax.random.key(cfg.seed), sparse_leaves=projection_mask)
     try:
