@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 
-def _concrete(value) -> float | None:
-  """The value as a Python float, or None when it is traced, a callable or not a scalar."""
+def concrete(value) -> float | None:
+  """The value as a Python float, or None when it is traced, a callable (schedule) or not a scalar."""
   if isinstance(value, jax.core.Tracer) or callable(value):
     return None
   try:
@@ -24,7 +24,7 @@ def _concrete(value) -> float | None:
 
 def check(name: str, value, ok, requirement: str) -> None:
   """Raises ValueError naming `name` when the concrete `value` fails `ok`."""
-  v = _concrete(value)
+  v = concrete(value)
   if v is not None and not ok(v):
     raise ValueError(f"{name} must be {requirement}, got {value!r}")
 
@@ -39,7 +39,3 @@ def check_int(name: str, value, minimum: int) -> None:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
   check(name, value, lambda x: x == int(x) and x >= minimum, f"an integer >= {minimum}")
 
-
-def concrete(value) -> float | None:
-  """The value as a float when it is a concrete scalar, else None (traced or a schedule)."""
-  return _concrete(value)
