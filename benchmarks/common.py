@@ -7,6 +7,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def llama60m_shapes(vocab: int = 32000, hidden: int = 512, inter: int = 1376, layers: int = 8):
@@ -51,3 +52,29 @@ def interleaved_medians(fns: dict, repeats: int, inner: int = 1) -> dict:
         fn()
       times[name].append((time.perf_counter() - t0) / inner)
   return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def donated_stepper(tx: optax.GradientTransformation, params, grads):
+  """A no-arg callable doing one jitted update + apply_updates (params and state donated), already
+  compiled and run once, and the optimizer state's size in bytes."""
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  jitted = jax.jit(step, donate_argnums=(0, 1))
+  box = {"p": jax.tree.map(jnp.copy, params)}
+  box["s"] = tx.init(box["p"])
+  state_bytes = tree_bytes(box["s"])
+
+  def run():
+    box["p"], box["s"] = jitted(box["p"], box["s"], grads)
+    jax.block_until_ready(box["p"])
+
+  run()  # compile
+  return run, state_bytes
+
+
+def shapes_for(small: bool):
+  """LLaMA-60M shapes, or a small stand-in for smoke tests."""
+  return llama60m_shapes(vocab=256, hidden=64, inter=160, layers=2) if small else llama60m_shapes()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import spam_optax as spam
-from benchmarks.common import interleaved_medians, llama60m_shapes, random_tree, tree_bytes
+from benchmarks.common import donated_stepper, interleaved_medians, random_tree, shapes_for
 
 
 def optimizers():
@@ -31,23 +31,7 @@ def optimizers():
 
 def jax_steppers(params, grads):
   """name -> (no-arg step callable, state bytes)."""
-  out = {}
-  for name, tx in optimizers().items():
-    def step(p, s, g, tx=tx):
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    box = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
-    state_bytes = tree_bytes(box["s"])
-
-    def run(box=box, jitted=jitted):
-      box["p"], box["s"] = jitted(box["p"], box["s"], grads)
-      jax.block_until_ready(box["p"])
-
-    run()  # compile
-    out[name] = (run, state_bytes)
-  return out
+  return {name: donated_stepper(tx, params, grads) for name, tx in optimizers().items()}
 
 
 def torch_steppers(shapes):
@@ -88,7 +72,7 @@ def main():
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch peers")
   parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke test)")
   args = parser.parse_args()
-  shapes = llama60m_shapes(vocab=256, hidden=64, inter=160, layers=2) if args.small else llama60m_shapes()
+  shapes = shapes_for(args.small)
   n = sum(int(jnp.prod(jnp.array(s))) for s in shapes.values())
   params, grads = random_tree(shapes, 0), random_tree(shapes, 1)
   steppers = jax_steppers(params, grads)

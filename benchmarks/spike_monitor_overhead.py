@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 import spam_optax as spam
-from benchmarks.common import interleaved_medians, llama60m_shapes, random_tree, tree_bytes
+from benchmarks.common import donated_stepper, interleaved_medians, random_tree, shapes_for
 
 
 def variants():
@@ -44,37 +44,18 @@ def variants():
 
 
 def steppers(params, grads, names=None):
-  out = {}
-  for name, (tx, _) in variants().items():
-    if names and name not in names:
-      continue
-
-    def step(p, s, g, tx=tx):
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    box = {"p": jax.tree.map(jnp.copy, params)}
-    box["s"] = tx.init(box["p"])
-    state_bytes = tree_bytes(box["s"])
-
-    def run(box=box, jitted=jitted):
-      box["p"], box["s"] = jitted(box["p"], box["s"], grads)
-      jax.block_until_ready(box["p"])
-
-    run()  # compile
-    run()
-    out[name] = (run, state_bytes)
-  return out
+  return {name: donated_stepper(tx, params, grads) for name, (tx, _) in variants().items()
+          if not names or name in names}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+  parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke test)")
   args = parser.parse_args()
 
-  shapes = llama60m_shapes()
+  shapes = shapes_for(args.small)
   params = random_tree(shapes, seed=0)
   grads = random_tree(shapes, seed=1)
   n = sum(x.size for x in jax.tree.leaves(params))
