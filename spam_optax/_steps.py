@@ -78,20 +78,7 @@ def power(base, exponent: jax.Array, dtype) -> jax.Array:
 
 def check_interval(name: str, value, minimum: int = 0) -> None:
   """An integer hyper-parameter, checked only when concrete (it may be traced by inject_hyperparams)."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  if isinstance(value, bool):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  if isinstance(value, numbers.Integral):
-    if value < minimum:
-      raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return
-  try:  # 0-d integer arrays (e.g. a value re-injected by inject_hyperparams outside of jit).
-    arr = jnp.asarray(value)
-  except TypeError as e:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from e
-  if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.integer) or int(arr) < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  _validate.check_int(name, value, minimum)
 
 
 check = _validate.check
@@ -100,7 +87,6 @@ check_beta = _validate.check_beta
 
 def check_non_negative(name: str, value) -> None:
   check(name, value, lambda v: v >= 0.0, ">= 0")
-
 
 
 def float_dtype_or_none(name: str, dtype):
