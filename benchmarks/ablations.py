@@ -10,6 +10,8 @@ at a time from the defaults (ΔT = 500, θ = 5000, N = 150, clipping, global bia
 * clip vs nullify: SPAM as the unfused chain of its pieces with the spike rule ``clip`` (the
   library's ``spike_clip``: must match the fused ``spam`` row) or ``nullify`` (spiked entries set
   to 0, implemented in ``benchmarks/quality.py``; the library has no nullify option);
+* both off (θ = 0, no reset): Adam as SPAM computes it (HF-style ε = 1e-6 added to the
+  un-corrected ``sqrt(v)``), which separates SPAM's mechanisms from that detail of its Adam;
 * ``restart_bias_correction`` on (``--restart-bias-correction true``) vs off (the authors' code).
 
 Usage::
@@ -57,6 +59,11 @@ ABLATIONS = {
         ("clip (fused spam, default)", {}, None),
         ("clip (unfused chain)", {}, "spam_unfused_clip"),
         ("nullify (unfused chain)", {}, "spam_nullify"),
+    ],
+    "both mechanisms off": [
+        ("SPAM (default)", {}, None),
+        ("θ=0 and no reset (= Adam with SPAM's ε)", dict(threshold=0.0, reset_interval=NO_RESET),
+         None),
     ],
     "bias correction after reset": [
         ("global k (authors' code, default)", {}, None),
@@ -134,7 +141,7 @@ def main(argv=None):
       div = f" ({len(recs) - len(ok)} diverged)" if len(ok) < len(recs) else ""
       clip_txt = f"{sum(clipped) / len(clipped):,.0f}" if clipped else "-"
       print(f"| {label} | {len(recs)} | {q.fmt_mean_std([r['val_loss'] for r in ok])}{div} | "
-            f"{q.fmt_mean_std(diffs) if diffs else '-'} | "
+            f"{q.fmt_mean_std(diffs) if diffs and (overrides or custom) else '-'} | "
             f"{q.fmt_mean_std([r['val_ppl'] for r in ok], 3)} | {clip_txt} |")
   print(f"results: {path}")
 

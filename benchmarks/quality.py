@@ -283,6 +283,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
       "state_bytes": state_bytes,
       "step_ms": 1e3 * statistics.median(window_times) if window_times else None,
       "compile_s": compile_s, "spikes_clipped": spikes, "injected": injected,
+      "loadavg_1min": os.getloadavg()[0],
       "train_curve": [(s, round(l, 5)) for s, l in train_curve],
       "val_curve": [(s, round(l, 5)) for s, l in val_curve],
   }
@@ -410,7 +411,7 @@ def quality_protocol(store: Store, args) -> None:
     grid = grid_for(row) if not args.smoke else grid_for(row)[1:2]
     for lr in grid:
       execute(store, RunSpec(args.model, row, lr, 0, args.steps), args, "grid ")
-    if args.smoke or not args.extend_edges:
+    if args.smoke or not args.extend_edges or len(grid) < 2:
       continue
     lr = best_lr(store.runs(), row)
     if lr is not None and lr in (grid[0], grid[-1]):  # extend once past the edge it sits on
@@ -429,7 +430,11 @@ def quality_protocol(store: Store, args) -> None:
 def quality_table(runs: list[dict], model: str, steps: int, rows: list[str]) -> str:
   runs = [r for r in runs if r["model"] == model and r["steps"] == steps and not r["overrides"]]
   out = ["| optimizer | LR grid (seed 0: final val loss) | best LR | seeds | val loss | val ppl | "
-         "optimizer state | step ms (median) |", "|---|---|---|---|---|---|---|---|"]
+         "Δ loss vs adam (paired by seed) | optimizer state | step ms |",
+         "|---|---|---|---|---|---|---|---|---|"]
+  adam_lr = best_lr(runs, "adam")
+  adam_by_seed = {r["seed"]: r["val_loss"] for r in runs
+                  if r["row"] == "adam" and r["lr"] == adam_lr and not r["diverged"]}
   for row in rows:
     mine = [r for r in runs if r["row"] == row]
     if not mine:
@@ -441,10 +446,14 @@ def quality_table(runs: list[dict], model: str, steps: int, rows: list[str]) -> 
     best = [r for r in mine if r["lr"] == lr and not r["diverged"]]
     losses = [r["val_loss"] for r in best]
     ppls = [r["val_ppl"] for r in best]
-    steps_ms = [r["step_ms"] for r in best if r["step_ms"]]
-    step_txt = f"{statistics.median(steps_ms):.1f}" if steps_ms else "-"
+    # Every run of a row costs the same per step whatever its LR; the machine is shared, so the
+    # least-loaded run (the lowest of the runs' median step times) is the estimate.
+    steps_ms = [r["step_ms"] for r in mine if r["step_ms"]]
+    step_txt = f"{min(steps_ms):.1f}" if steps_ms else "-"
+    diffs = [r["val_loss"] - adam_by_seed[r["seed"]] for r in best if r["seed"] in adam_by_seed]
+    diff_txt = "-" if row == "adam" or not diffs else fmt_mean_std(diffs, 3)
     out.append(f"| {row} | {grid_txt} | {fmt_lr(lr) if lr else '-'} | {len(best)} | "
-               f"{fmt_mean_std(losses)} | {fmt_mean_std(ppls, 3)} | "
+               f"{fmt_mean_std(losses)} | {fmt_mean_std(ppls, 3)} | {diff_txt} | "
                f"{fmt_bytes(mine[0]['state_bytes'])} | {step_txt} |")
   return "\n".join(out)
 
@@ -454,38 +463,55 @@ def plot_quality(runs: list[dict], model: str, steps: int, rows: list[str], path
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   runs = [r for r in runs if r["model"] == model and r["steps"] == steps and not r["overrides"]]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=80)
+  fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=72)
   cmap = plt.get_cmap("tab10")
+
+  def best_runs(row):
+    lr = best_lr(runs, row)
+    return lr, [r for r in runs if r["row"] == row and r["lr"] == lr and not r["diverged"]]
+
+  _, adam = best_runs("adam")
+  adam_curve = {r["seed"]: dict(r["train_curve"]) for r in adam}
   plotted = False
   for i, row in enumerate(rows):
-    lr = best_lr(runs, row)
-    best = [r for r in runs if r["row"] == row and r["lr"] == lr and not r["diverged"]]
+    lr, best = best_runs(row)
     if not best:
       continue
     plotted = True
+    color = cmap(i % 10)
     n = min(len(r["train_curve"]) for r in best)
-    steps_ = [best[0]["train_curve"][j][0] for j in range(n)]
+    xs = [best[0]["train_curve"][j][0] for j in range(n)]
     mean = np.mean([[r["train_curve"][j][1] for j in range(n)] for r in best], axis=0)
-    ax1.plot(steps_, mean, color=cmap(i % 10), lw=1.2, label=f"{row} ({fmt_lr(lr)})",
-             ls="-" if i < 10 else "--")
+    ax1.plot(xs, mean, color=color, lw=1.2, label=f"{row} ({fmt_lr(lr)}, n={len(best)})")
+    paired = [r for r in best if r["seed"] in adam_curve]
+    if paired and row != "adam":
+      diff = np.mean([[l - adam_curve[r["seed"]].get(s, np.nan) for s, l in r["train_curve"][:n]]
+                      for r in paired], axis=0)
+      k = 4  # smooth over 4 windows (100 steps)
+      smooth = np.convolve(diff, np.ones(k) / k, mode="valid")
+      ax2.plot(xs[k - 1:], smooth, color=color, lw=1.2, label=row)
     m = min(len(r["val_curve"]) for r in best)
     vs = [best[0]["val_curve"][j][0] for j in range(m)]
     vmean = np.mean([[r["val_curve"][j][1] for j in range(m)] for r in best], axis=0)
-    ax2.plot(vs, vmean, color=cmap(i % 10), marker="o", ms=3, lw=1.2, label=row)
+    ax3.plot(vs, vmean, color=color, marker="o", ms=3, lw=1.2, label=row)
   if not plotted:
     plt.close(fig)
     return None
-  ax1.set(xlabel="step", ylabel="train loss (window mean, seed mean)",
-          title=f"{model}: training loss at each optimizer's best LR")
+  ax1.set(xlabel="step", ylabel="train loss (25-step window, seed mean)",
+          title=f"{model}: training loss, each optimizer at its best LR")
+  ax2.axhline(0, color="k", lw=0.8)
+  ax2.set(xlabel="step", ylabel="train loss - Adam's (same seeds, 100-step mean)",
+          title="difference to Adam (below 0: better)")
+  ax2.set_ylim(-0.25, 0.25)
   finals = [r["val_loss"] for r in runs if r["val_loss"] is not None]
   if finals:
     lo = min(finals)
-    ax1.set_ylim(lo - 0.1, lo + 1.5)
-    ax2.set_ylim(lo - 0.05, lo + 0.8)
-  ax2.set(xlabel="step", ylabel="validation loss", title="validation loss (seed mean)")
+    ax1.set_ylim(lo - 0.1, lo + 1.2)
+    ax3.set_ylim(lo - 0.05, lo + 0.6)
+  ax3.set(xlabel="step", ylabel="validation loss", title="validation loss (seed mean)")
   ax1.legend(fontsize=7, ncol=2)
-  ax1.grid(alpha=0.3)
-  ax2.grid(alpha=0.3)
+  for ax in (ax1, ax2, ax3):
+    ax.grid(alpha=0.3)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path)
@@ -500,6 +526,8 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, default=3, help="seeds at the best LR")
   parser.add_argument("--no-extend-edges", dest="extend_edges", action="store_false",
                       help="do not extend the grid when the best LR is at its edge")
+  parser.add_argument("--grid", default="",
+                      help="override LR grids: ROW=LR/LR/...,ROW=... (e.g. adam=1e-3/3e-3)")
   parser.add_argument("--plot", help="loss-curve PNG (default: docs/quality_<model>.png)")
   args = parser.parse_args(argv)
   smoke_defaults(args)
@@ -511,6 +539,11 @@ def main(argv=None):
   unknown = [r for r in args.rows if r not in ROWS]
   if unknown:
     parser.error(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
+  for item in filter(None, args.grid.split(",")):
+    row, _, lrs = item.partition("=")
+    if row not in ROWS or not lrs:
+      parser.error(f"bad --grid item {item!r}: expected ROW=LR/LR/...")
+    GRIDS[row] = sorted(float(x) for x in lrs.split("/"))
   path = Path(args.json or RESULTS / f"quality_{args.model}.json")
   store = Store(path, {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
                        "eval_batches": args.eval_batches, "grids": GRIDS})
