@@ -143,6 +143,15 @@ def main(argv=None):
       print(f"| {label} | {len(recs)} | {q.fmt_mean_std([r['val_loss'] for r in ok])}{div} | "
             f"{q.fmt_mean_std(diffs) if diffs and (overrides or custom) else '-'} | "
             f"{q.fmt_mean_std([r['val_ppl'] for r in ok], 3)} | {clip_txt} |")
+    if g == "both mechanisms off":  # the reference: optax.adam runs of the quality grid, same LR
+      adam = [r for r in quality_runs if r["row"] == "adam" and r["lr"] == lr and not r["overrides"]
+              and r["steps"] == args.steps and r["seed"] < args.seeds and r["val_loss"] is not None]
+      if adam:
+        diffs = [r["val_loss"] - base[r["seed"]] for r in adam if r["seed"] in base]
+        print(f"| optax.adam (ε=1e-8 on the corrected √v; quality runs) | {len(adam)} | "
+              f"{q.fmt_mean_std([r['val_loss'] for r in adam])} | "
+              f"{q.fmt_mean_std(diffs) if diffs else '-'} | "
+              f"{q.fmt_mean_std([r['val_ppl'] for r in adam], 3)} | - |")
   print(f"results: {path}")
 
 

@@ -143,6 +143,20 @@ def main(argv=None):
           cell += f" ({len(vals) - len(ok)} diverged)"
         cells.append(cell)
       print(f"| {row} | {q.fmt_lr(lrs[row])} | " + " | ".join(cells) + " |")
+    for row in rows:  # SPAM's diagnostic: how many gradient entries its clip caught
+      counts = []
+      for s in sev[1:]:
+        mine = [r for r in runs if r["row"] == row and r["overrides"].get("spike_mode") == mode
+                and r["overrides"].get("spike_scale") == s and r["lr"] == lrs[row]
+                and r["seed"] == 0 and r["steps"] == args.steps and r["spikes_clipped"]]
+        if mine:
+          counts.append(f"severity {s:g}: {mine[0]['spikes_clipped']:,} clipped, "
+                        f"{mine[0]['injected']:,} injected")
+      if counts:
+        unit = {"grad": "spiked steps", "grad_entries": "spiked entries",
+                "input": "corrupted tokens"}[mode]
+        print(f"\n{row} (seed 0): gradient entries clipped over the run, and {unit} injected "
+              f"(clean run: see the quality results) -- " + "; ".join(counts))
   args._quality_runs = quality_runs
   if not args.no_plot and not args.smoke:
     for png in plot(runs, table, rows, modes, lrs, args):
@@ -201,7 +215,7 @@ def plot(runs, table, rows, modes, lrs, args) -> list[Path]:
     title = f"{mode}, severity {sev:g}, p = {SWEEPS[mode]['prob']:g} (seed 0)"
     if mode == "input":  # the training loss includes the corrupted tokens: far above clean
       title += "\n(train loss includes the corrupted tokens)"
-    else:
+    elif mode == "grad_entries":
       ax.set_ylim(-0.15, 0.4)
     ax.set(xlabel="step", ylabel="train loss - clean Adam's (100-step mean)", title=title)
     ax.grid(alpha=0.3)
