@@ -51,6 +51,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
+from benchmarks.common import tree_bytes  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train import optimizers  # noqa: E402
 from train.config import Config, validate  # noqa: E402
@@ -97,37 +98,15 @@ def spike_filter(mode: str, threshold: float, *, b2: float, reset_interval: int,
   ``nullify`` is the same detection (``g² > θ v`` against the previous raw ``v``, off during the
   ``clip_delay`` windows, ``v`` zeroed at resets) but sets the spiked entries to 0 instead of
   ``sign(g) sqrt(θ v)``; the zeroed entry then enters both moments as 0 (the paper's Appendix K
-  comparison; the library has no nullify option, so it lives here). It keeps its own ``v``, equal to
+  comparison: ``spike_clip(nullify=True)``). It keeps its own ``v``, equal to
   Adam's ``v`` behind it.
   """
   import spam_optax as spam
-  from spam_optax import _schedules
 
-  if mode == "clip":
-    return spam.spike_clip(threshold, b2=b2, reset_interval=reset_interval, clip_delay=clip_delay)
-  if mode != "nullify":
+  if mode not in ("clip", "nullify"):
     raise ValueError(f"unknown spike filter mode {mode!r}")
-
-  def init_fn(params):
-    return spam.SpikeClipState(count=jnp.zeros([], jnp.int32), nu=optax.tree.zeros_like(params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    k = _schedules.update_index(state.count)
-    reset = _schedules.is_reset_update(k, reset_interval)
-    active = _schedules.clipping_active(k, reset_interval, clip_delay)
-
-    def leaf(g, v):
-      v_old = jnp.where(reset, 0, v)
-      spike = active & (threshold > 0) & (g * g > threshold * v_old)
-      g = jnp.where(spike, 0, g)
-      return g, b2 * v_old + (1 - b2) * g * g
-
-    flat_g, treedef = jax.tree.flatten(updates)
-    out = [leaf(g, v) for g, v in zip(flat_g, treedef.flatten_up_to(state.nu))]
-    return (treedef.unflatten([o[0] for o in out]),
-            spam.SpikeClipState(count=optax.safe_increment(state.count),
-                                nu=treedef.unflatten([o[1] for o in out])))
+  return spam.spike_clip(threshold, b2=b2, reset_interval=reset_interval, clip_delay=clip_delay,
+                         nullify=mode == "nullify")
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -181,15 +160,6 @@ def _dataset(cfg: Config) -> data_lib.Dataset:
     with tempfile.TemporaryDirectory() as tmp:
       _DATASETS[key] = data_lib.load_dataset(cfg, Path(tmp))
   return _DATASETS[key]
-
-
-def tree_bytes(tree) -> int:
-  total = 0
-  for x in jax.tree.leaves(tree):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    total += x.size * x.dtype.itemsize
-  return total
 
 
 def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, log_every: int,
