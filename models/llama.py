@@ -1,7 +1,7 @@
 """A LLaMA decoder in Flax NNX, as the SPAM paper trained it (SPEC §4).
 
 RMSNorm computed in float32 (ε = 1e-6), rotary position embeddings (base 10000, the Hugging Face
-``rotate_half`` layout), causal multi-head attention, SwiGLU MLP, no biases anywhere, an untied output
+``rotate_half`` layout), causal multi-head attention (grouped-query when ``num_kv_heads < num_heads``), SwiGLU MLP, no biases anywhere, an untied output
 head, and every weight initialised from N(0, 0.02) (norm scales start at 1).
 
 Parameters carry sharding annotations for a device mesh with the axes ``data``, ``fsdp`` and
@@ -54,6 +54,8 @@ class LlamaConfig:
     hidden_size: model width d.
     intermediate_size: SwiGLU hidden width.
     num_heads: attention heads; ``hidden_size`` must be a multiple of it.
+    num_kv_heads: key/value heads (grouped-query attention, as in LLaMA-2/3); each serves
+      ``num_heads // num_kv_heads`` query heads. ``None`` means ``num_heads`` (multi-head attention).
     num_layers: transformer blocks.
     max_seq_len: longest sequence the RoPE tables are built for.
     rope_base: RoPE frequency base.
@@ -69,6 +71,7 @@ class LlamaConfig:
   intermediate_size: int = 1376
   num_heads: int = 8
   num_layers: int = 8
+  num_kv_heads: int | None = None
   max_seq_len: int = 1024
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
@@ -86,12 +89,22 @@ class LlamaConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
                        f"({self.num_heads})")
+    kv = self.num_kv_heads
+    if kv is not None and (not isinstance(kv, (int, np.integer)) or isinstance(kv, bool) or kv < 1
+                           or self.num_heads % kv):
+      raise ValueError(f"num_kv_heads must be a positive divisor of num_heads ({self.num_heads}), "
+                       f"got {kv!r}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads actually used (``num_kv_heads``, defaulting to ``num_heads``)."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
@@ -106,7 +119,8 @@ class LlamaConfig:
   def num_params(self) -> int:
     """Parameter count, computed from the shapes alone."""
     d, f, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
-    per_layer = 4 * d * d + 3 * d * f + 2 * d
+    kv = self.kv_heads * self.head_dim
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
     return 2 * v * d + n * per_layer + d
 
 
@@ -222,22 +236,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with rotary embeddings; softmax in float32."""
+  """Causal multi-head (or grouped-query) self-attention with rotary embeddings; softmax in float32."""
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, mesh: Mesh | None = None):
-    d = cfg.hidden_size
-    self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+    d, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
     self.q_proj = _linear(cfg, d, d, (FSDP, TENSOR), rngs, mesh)
-    self.k_proj = _linear(cfg, d, d, (FSDP, TENSOR), rngs, mesh)
-    self.v_proj = _linear(cfg, d, d, (FSDP, TENSOR), rngs, mesh)
+    self.k_proj = _linear(cfg, d, kv, (FSDP, TENSOR), rngs, mesh)
+    self.v_proj = _linear(cfg, d, kv, (FSDP, TENSOR), rngs, mesh)
     self.o_proj = _linear(cfg, d, d, (TENSOR, FSDP), rngs, mesh)
 
   def __call__(self, x, cos, sin):
     b, t, _ = x.shape
-    heads = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
-    q = apply_rope(heads(self.q_proj(x)), cos, sin)
-    k = apply_rope(heads(self.k_proj(x)), cos, sin)
-    v = heads(self.v_proj(x))
+    heads = lambda y, n: y.reshape(b, t, n, self.head_dim)
+    # GQA: query head h reads kv head h // group (Hugging Face's repeat_kv order).
+    group = self.num_heads // self.num_kv_heads
+    q = apply_rope(heads(self.q_proj(x), self.num_heads), cos, sin)
+    k = jnp.repeat(apply_rope(heads(self.k_proj(x), self.num_kv_heads), cos, sin), group, axis=2)
+    v = jnp.repeat(heads(self.v_proj(x), self.num_kv_heads), group, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(self.head_dim)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))

@@ -56,6 +56,37 @@ def test_bad_config_is_rejected():
     CONFIGS["tiny"].replace(num_heads=3)
 
 
+def test_bad_num_kv_heads_is_rejected():
+  for kv in (3, 0, 8):
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive divisor"):
+      TINY.replace(num_kv_heads=kv)
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
+def test_gqa_parameter_count_and_kv_projection_widths(kv):
+  cfg = TINY.replace(num_kv_heads=kv)
+  model = make_model(cfg)
+  assert count_params(model) == cfg.num_params()
+  assert model.layers[0].attn.k_proj.kernel.shape == (32, kv * cfg.head_dim)
+  assert model.layers[0].attn.v_proj.kernel.shape == (32, kv * cfg.head_dim)
+
+
+def test_gqa_equals_mha_with_each_kv_head_copied_to_its_group():
+  # 4 query heads over 2 kv heads: query heads 0,1 read kv head 0 and heads 2,3 read kv head 1.
+  gqa = make_model(TINY.replace(num_kv_heads=2), seed=3)
+  mha = make_model(TINY, seed=4)
+  hd = TINY.head_dim
+  widen = lambda w: np.repeat(np.asarray(w).reshape(w.shape[0], 2, hd), 2, axis=1).reshape(
+      w.shape[0], 4 * hd)
+  state = nnx.to_pure_dict(nnx.state(gqa, nnx.Param))
+  for layer in state["layers"].values():
+    for name in ("k_proj", "v_proj"):
+      layer["attn"][name]["kernel"] = widen(layer["attn"][name]["kernel"])
+  nnx.update(mha, state)
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, TINY.vocab_size)
+  np.testing.assert_allclose(forward(gqa, tokens), forward(mha, tokens), rtol=1e-5, atol=1e-6)
+
+
 def test_forward_shape_and_dtypes():
   model = make_model(TINY)
   logits = forward(model, jnp.zeros((3, 10), jnp.int32))
