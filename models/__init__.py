@@ -14,6 +14,7 @@ from models.llama import (
     param_shardings,
     partition_specs,
 )
+from models.hf import UnsupportedCheckpoint, from_pretrained, to_pretrained
 
 __all__ = [
     "BATCH_AXES",
@@ -28,4 +29,7 @@ __all__ = [
     "make_model",
     "param_shardings",
     "partition_specs",
+    "from_pretrained",
+    "to_pretrained",
+    "UnsupportedCheckpoint",
 ]
