@@ -162,15 +162,16 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LlamaConfig, dtype=No
                                 f"{' ...' if len(extra) > 5 else ''}")
   missing = sorted(name for name, _ in expected.values() if name not in tensors)
   if missing:
-    raise UnsupportedCheckpoint(f"missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    raise UnsupportedCheckpoint(f"missing tensors: {missing[:5]}"
+                                f"{' ...' if len(missing) > 5 else ''}")
   params: dict = {}
   for path, (name, transposed) in expected.items():
     value = np.asarray(tensors[name])
     value = value.T if transposed else value
     want = _get(model, path).shape
-    if value.shape != want:
-      raise UnsupportedCheckpoint(f"{name}: shape {value.shape[::-1] if transposed else value.shape}"
-                                  f" does not match config.json (expected "
+    if value.shape != want:  # reported in Hugging Face's (out, in) order
+      stored = value.shape[::-1] if transposed else value.shape
+      raise UnsupportedCheckpoint(f"{name}: shape {stored} does not match config.json (expected "
                                   f"{want[::-1] if transposed else want})")
     _set(params, path, np.ascontiguousarray(value).astype(dtype))
   return params

@@ -114,7 +114,8 @@ def test_unexpected_missing_and_misshapen_tensors_are_refused():
   with pytest.raises(hf.UnsupportedCheckpoint, match="missing tensors.*lm_head.weight"):
     hf.params_from_hf({k: v for k, v in tensors.items() if k != "lm_head.weight"}, cfg)
   bad = dict(tensors, **{"model.layers.1.mlp.up_proj.weight": np.zeros((32, 64), np.float32)})
-  with pytest.raises(hf.UnsupportedCheckpoint, match=r"up_proj.weight: shape \(32, 64\).*\(64, 32\)"):
+  with pytest.raises(hf.UnsupportedCheckpoint,
+                     match=r"up_proj.weight: shape \(32, 64\).*\(64, 32\)"):
     hf.params_from_hf(bad, cfg)
   # Buffers older checkpoints carry are ignored.
   hf.params_from_hf({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4)}, cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from models import CONFIGS, DTYPES
@@ -90,6 +91,10 @@ class Config:
   spike_prob: float = 0.0
   spike_scale: float = 100.0
   spike_mode: str = "grad"
+  # Fine-tuning, export and throughput accounting.
+  init_from: str | None = None  # Hugging Face Llama directory or a workdir/checkpoint of this script
+  export_hf: str | None = None  # write the final weights as a Hugging Face Llama directory
+  peak_flops: float | None = None  # per-device peak FLOP/s for MFU (default: built-in table)
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
@@ -126,6 +131,13 @@ _HELP = {
     "restart_bias_correction": "SPAM: restart the bias-correction count at every reset (not the "
                                "authors' code, whose post-reset steps are ~1.9x larger)",
     "spike_mode": f"spike injection ({', '.join(SPIKE_MODES)})",
+    "init_from": "start from these weights with a fresh optimizer state (fine-tuning): a Hugging "
+                 "Face LlamaForCausalLM directory (config.json + safetensors; the model shape comes "
+                 "from it and --model is ignored) or a workdir / checkpoints/STEP of this script",
+    "export_hf": "at the end, write the final weights to this directory as a Hugging Face "
+                 "LlamaForCausalLM (rerun a finished run's command with it to export)",
+    "peak_flops": "peak FLOP/s of one device, for MFU (default: a table of GPUs and TPUs; "
+                  "without it MFU is omitted on CPU and unknown devices)",
     "spike_monitor": "threshold of the online spike score g²/v (the paper uses 50): log spikes per "
                      "layer type and write spike_report.md and spike_heatmap.png (0: off)",
 }
@@ -216,6 +228,10 @@ def validate(cfg: Config) -> None:
     _require(0 < cfg.spike_scale <= 1,
              f"with --spike-mode input, --spike-scale is the fraction of tokens replaced and must "
              f"be in (0, 1], got {cfg.spike_scale}")
+  if cfg.peak_flops is not None:
+    _require(cfg.peak_flops > 0, f"--peak-flops must be > 0, got {cfg.peak_flops}")
+  if cfg.init_from is not None:
+    _require(Path(cfg.init_from).exists(), f"--init-from {cfg.init_from}: no such file or directory")
   if cfg.density < 1:
     _require(cfg.optimizer == "spam", f"--density applies to spam only (got --optimizer "
                                       f"{cfg.optimizer})")

@@ -26,9 +26,11 @@ import models
 from models.llama import BATCH_AXES, FSDP, MESH_AXES, Llama, fit_spec
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import init_from as init_lib
 from train import metrics as metrics_lib
 from train import optimizers
 from train import spike_report
+from train import throughput
 from train.config import Config, ConfigError, validate
 
 # ----------------------------------------------------------------------------- scale
@@ -227,6 +229,7 @@ class RunResult:
   tokens_per_second: float
   num_params: int
   workdir: Path
+  mfu: float | None = None  # over the whole call's training time; None without a device peak
 
 
 def compat_record(cfg: Config, model_cfg: models.LlamaConfig, dataset: data_lib.Dataset) -> dict:
@@ -247,8 +250,16 @@ def _log(*args) -> None:
 
 
 def model_config(cfg: Config, vocab_size: int) -> models.LlamaConfig:
-  """The named model with the data's vocabulary and the run's precision."""
-  base = models.get_config(cfg.model)
+  """The named model (or --init-from's) with the data's vocabulary and the run's precision."""
+  if cfg.init_from:
+    base = init_lib.source_config(cfg.init_from)
+    if vocab_size > base.vocab_size:  # a pretrained model keeps its vocabulary: ids must fit in it
+      raise ConfigError(f"the data has token ids up to {vocab_size - 1} but --init-from "
+                        f"{cfg.init_from} has a vocabulary of {base.vocab_size}; tokenize the data "
+                        "with that model's tokenizer")
+    vocab_size = base.vocab_size
+  else:
+    base = models.get_config(cfg.model)
   return base.replace(vocab_size=vocab_size, remat=cfg.remat,
                       max_seq_len=max(base.max_seq_len, cfg.seq_len)).with_precision(cfg.dtype)
 
@@ -326,7 +337,8 @@ def run(cfg: Config) -> RunResult:
                          "optax": optax.__version__}}
     writer = metrics_lib.MetricsWriter(workdir / "metrics.jsonl", enabled=pi == 0)
 
-    _log(f"model {cfg.model}: {num_params:,} parameters ({cfg.dtype}); optimizer {cfg.optimizer}; "
+    model_name = f"from {cfg.init_from}" if cfg.init_from else cfg.model
+    _log(f"model {model_name}: {num_params:,} parameters ({cfg.dtype}); optimizer {cfg.optimizer}; "
          f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
          f"{pc} process(es)")
     _log(f"data {dataset.description}")
@@ -344,6 +356,11 @@ def run(cfg: Config) -> RunResult:
       if old_sched is not None and old_sched != cfg.total_schedule_steps and start < cfg.steps:
         _log(f"note: the LR schedule now spans {cfg.total_schedule_steps} steps (the checkpointed "
              f"run planned {old_sched}); pass --schedule-steps {old_sched} to keep it unchanged")
+    elif cfg.init_from:
+      state = fresh_state(built, init_lib.load_params(cfg.init_from, abstract_state["params"]))
+      start = 0
+      _log(f"initialised from {cfg.init_from} ({init_lib.kind(cfg.init_from)}), fresh optimizer "
+           "state")
     else:
       state = built.init()
       start = 0
@@ -364,6 +381,8 @@ def run(cfg: Config) -> RunResult:
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict]] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    flops_per_token = throughput.train_flops_per_token(model_cfg, cfg.seq_len)
+    peak = throughput.device_peak_flops(cfg.peak_flops)
     spikes_total = 0
     window_start, window_steps = time.perf_counter(), 0
     train_time, rate = 0.0, 0.0
@@ -384,6 +403,9 @@ def run(cfg: Config) -> RunResult:
         losses[s] = record["loss"]
         spikes_total += int(record.get("spikes", 0))
       records[-1]["tokens_per_s"] = rate
+      window_mfu = throughput.mfu(rate, flops_per_token, peak, jax.device_count())
+      if window_mfu is not None:
+        records[-1]["mfu"] = window_mfu
       if extra:
         records[-1].update(extra)
       writer.write(records)
@@ -392,7 +414,9 @@ def run(cfg: Config) -> RunResult:
         spike_report.append_totals(workdir / "spike_layers.jsonl", last["step"],
                                    spike_report.per_tensor_totals(state["opt_state"]))
       if bar is not None:
-        postfix = {"tok/s": f"{rate:,.0f}", "loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}"}
+        postfix = {"tok/s": f"{rate:,.0f}",
+                   **({} if window_mfu is None else {"mfu": f"{window_mfu:.1%}"}),
+                   "loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}"}
         if "spikes" in last:
           postfix["spikes"] = spikes_total
         if cfg.spike_monitor > 0:  # this window's spikes per layer type: embedding, attention ...
@@ -443,6 +467,8 @@ def run(cfg: Config) -> RunResult:
     n_tokens = sum(int(b["weights"].sum()) for b in dataset.val_batches) * pc
     _log(f"final validation (step {final_step}, {n_tokens:,} tokens): loss {val_loss:.4f}, "
          f"perplexity {val_ppl:.3f}")
+    if cfg.export_hf:
+      export_hf(state["params"], model_cfg, cfg.export_hf)
     if cfg.plot and pi == 0:
       png = metrics_lib.plot_loss_curves(workdir / "metrics.jsonl", workdir / "loss_curve.png",
                                          title=f"{cfg.model} / {cfg.optimizer}")
@@ -453,12 +479,36 @@ def run(cfg: Config) -> RunResult:
       if written is not None:
         _log("wrote " + " and ".join(str(p) for p in written if p is not None))
     trained = final_step - start
+    tokens_per_second = trained * tokens_per_step / train_time if train_time else 0.0
     return RunResult(start_step=start, final_step=final_step, val_loss=val_loss, val_ppl=val_ppl,
-                     losses=losses, train_seconds=train_time,
-                     tokens_per_second=trained * tokens_per_step / train_time if train_time else 0.0,
-                     num_params=num_params, workdir=workdir)
+                     losses=losses, train_seconds=train_time, tokens_per_second=tokens_per_second,
+                     num_params=num_params, workdir=workdir,
+                     mfu=throughput.mfu(tokens_per_second, flops_per_token, peak,
+                                        jax.device_count()) if trained else None)
   finally:
     checkpointer.close()
+
+
+def fresh_state(built: Training, params) -> Any:
+  """Step 0, the given (placed) parameters and a freshly initialised optimizer state."""
+  init_opt = jax.jit(built.tx.init, out_shardings=built.shardings["opt_state"])
+  step = jax.device_put(jnp.zeros([], jnp.int32), built.shardings["step"])
+  state = {"step": step, "params": params, "opt_state": init_opt(params)}
+  if jax.tree.structure(state) != jax.tree.structure(built.abstract_state):
+    raise RuntimeError("fresh_state no longer matches build_training's train state; update it")
+  return state
+
+
+def export_hf(params, model_cfg: models.LlamaConfig, path: str) -> None:
+  """Writes the parameters as a Hugging Face Llama directory (process 0; all must call it)."""
+  from jax.experimental import multihost_utils
+  from models import hf
+  # Every process takes part in gathering the sharded parameters; process 0 writes them.
+  host = (jax.device_get(params) if jax.process_count() == 1 else
+          multihost_utils.process_allgather(params, tiled=True))
+  if jax.process_index() == 0:
+    hf.to_pretrained(host, path, config=model_cfg)
+    _log(f"exported the weights to {path} (Hugging Face LlamaForCausalLM)")
 
 
 def _progress_bar(cfg: Config, start: int):
