@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _schedules, _tree, _validate
+from spam_optax import _rounding, _schedules, _tree, _validate
 from spam_optax._spike_clip import clip_spikes, clipped_square, compute_dtype
 
 
@@ -50,6 +50,7 @@ def scale_by_adam_with_reset(
     clip_threshold: float = 0.0,
     clip_delay: int = 20,
     nu_dtype=None,
+    rounding: str = "stochastic",
 ) -> optax.GradientTransformation:
   r"""Adam whose moments are zeroed every ``reset_interval`` updates, as in SPAM.
 
@@ -70,11 +71,33 @@ def scale_by_adam_with_reset(
   ``clip_delay`` windows). That fuses SPAM's clip and Adam over one shared ``v``: `spam` uses it, so
   its state holds one ``m`` and one ``v`` per parameter.
 
+  **Low-precision state.** The moments are computed in float32 (at least) and rounded once when
+  stored. With a ``mu_dtype`` / ``nu_dtype`` narrower than float32 (e.g. bfloat16) the default
+  ``rounding="stochastic"`` stores ``x`` as its upper neighbour ``hi`` with probability
+  ``(x - lo) / (hi - lo)`` and as its lower neighbour ``lo`` otherwise:
+
+  .. math::
+    \mathbb{E}[\mathrm{SR}(x)] = hi \frac{x - lo}{hi - lo} + lo \frac{hi - x}{hi - lo} = x,
+
+  so the stored moments follow the float32 recursion in expectation. ``rounding="nearest"`` is the
+  authors' pure-bf16 behaviour, in which ``0.999 v`` rounds back to ``v``: under a constant
+  gradient of 1 a bfloat16 ``v`` stops at 0.25 (float32: 0.86 after 2,000 updates) and never
+  decays afterwards. The random bits are a counter-based hash of (update count, leaf index,
+  moment, position): nothing is stored, every device draws the same bits, and a restored state
+  continues identically. Float32 state is never rounded (``rounding`` then has no effect, and the
+  compiled update is the same as without it).
+
   Example:
     >>> import optax, spam_optax as spam
     >>> tx = optax.chain(spam.spike_clip(5000.0),
     ...                  spam.scale_by_adam_with_reset(reset_interval=500),
     ...                  optax.scale_by_learning_rate(1e-3))
+    >>> import jax.numpy as jnp
+    >>> bf16 = spam.scale_by_adam_with_reset(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+    >>> state = bf16.init({"w": jnp.zeros(4)})
+    >>> u, state = bf16.update({"w": jnp.ones(4)}, state)
+    >>> state.nu["w"].dtype  # stored stochastically rounded
+    dtype(bfloat16)
 
   Args:
     b1: decay of the first moment.
@@ -86,12 +109,15 @@ def scale_by_adam_with_reset(
     clip_threshold: θ of the fused spike clip; 0 (the default) means no clipping here.
     clip_delay: no clipping while ``k < clip_delay`` or ``k % ΔT < clip_delay``.
     nu_dtype: dtype of ``v``; defaults to the parameters' dtype.
+    rounding: how moments are stored in a dtype narrower than float32: ``"stochastic"`` (default,
+      unbiased) or ``"nearest"`` (the authors' behaviour). No effect on float32 state.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ScaleByAdamWithResetState`.
 
   References:
     Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training, ICLR 2025.
+    Gupta et al., Deep Learning with Limited Numerical Precision, ICML 2015 (stochastic rounding).
   """
   _validate.check_beta("b1", b1)
   _validate.check_beta("b2", b2)
@@ -99,6 +125,7 @@ def scale_by_adam_with_reset(
   _validate.check_int("reset_interval", reset_interval, 1)
   _validate.check("clip_threshold", clip_threshold, lambda x: x >= 0, ">= 0")
   _validate.check_int("clip_delay", clip_delay, 0)
+  _rounding.check_rounding(rounding)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
 
@@ -116,7 +143,7 @@ def scale_by_adam_with_reset(
     active = _schedules.clipping_active(k, reset_interval, clip_delay)
     kb = bias_correction_index(k, reset_interval, restart_bias_correction)
 
-    def leaf(g, m, v):
+    def leaf(g, m, v, index):
       out_dtype, dt = g.dtype, compute_dtype(g.dtype)
       step = kb.astype(dt)
       scale = jnp.sqrt(1 - jnp.asarray(b2, dt) ** step) / (1 - jnp.asarray(b1, dt) ** step)
@@ -133,9 +160,13 @@ def scale_by_adam_with_reset(
       v_new = b2 * (v_old + _zero_after(m_new, dt)) + (1 - b2) * clipped_square(
           g, v_old, clip_threshold, active)
       u = scale * m_new / (jnp.sqrt(v_new) + eps)
-      return u.astype(out_dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+      # Round once when storing (a plain cast for float32 state; see the docstring).
+      m_new = _rounding.store(m_new, m.dtype, rounding, state.count, index, _rounding.STREAM_MU)
+      v_new = _rounding.store(v_new, v.dtype, rounding, state.count, index, _rounding.STREAM_NU)
+      return u.astype(out_dtype), m_new, v_new
 
-    u, mu, nu = _tree.map_multi(leaf, updates, state.mu, state.nu, n_out=3)
+    u, mu, nu = _tree.map_multi(leaf, updates, state.mu, state.nu, _tree.leaf_indices(updates),
+                                n_out=3)
     count = optax.safe_increment(state.count)
     return u, ScaleByAdamWithResetState(count=count, mu=mu, nu=nu)
 

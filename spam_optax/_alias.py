@@ -30,6 +30,7 @@ def spam(
     mu_dtype=None,
     nu_dtype=None,
     restart_bias_correction: bool = False,
+    rounding: str = "stochastic",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SPAM: Spike-Aware Adam with Momentum Reset, update for update as the authors' code.
 
@@ -54,6 +55,12 @@ def spam(
   With ``density < 1`` the moments exist only for a random subset of each sparse leaf
   (`sparse_mask`), re-drawn at every reset; the other entries are not updated.
 
+  Low-precision state: with ``mu_dtype`` / ``nu_dtype`` narrower than float32 (bfloat16) the
+  moments are computed in float32 and stochastically rounded when stored (``rounding``), so that
+  ``E[stored] = x`` and ``v`` still grows and decays as in float32; ``rounding="nearest"`` gives the
+  authors' pure-bf16 behaviour (``v`` stuck at 0.25 under a unit gradient). See
+  `scale_by_adam_with_reset`.
+
   Weight decay uses ``optax.add_decayed_weights`` (the pre-update parameters); the authors decay
   the post-step parameters, a difference of order ``lr² wd``. Every published run used 0.
 
@@ -68,6 +75,7 @@ def spam(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state, params)
     >>> sparse = spam.spam(4e-3, density=0.25, key=jax.random.key(0))
+    >>> half = spam.spam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)  # 4 bytes/param
 
   Args:
     learning_rate: a float or an optax schedule (the paper: linear warmup then cosine).
@@ -83,6 +91,8 @@ def spam(
     weight_decay: decoupled weight decay (default 0). Sparse leaves decay on their subset only.
     mu_dtype, nu_dtype: dtypes of ``m`` and ``v``; default: the parameters' dtype.
     restart_bias_correction: count bias correction from the last reset (not the authors' code).
+    rounding: ``"stochastic"`` (default) or ``"nearest"``: how moments are stored in a dtype
+      narrower than float32. No effect on float32 state.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -105,7 +115,7 @@ def spam(
       scale_by_adam_with_reset(
           b1, b2, eps, reset_interval=reset_interval, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
           restart_bias_correction=restart_bias_correction,
-          clip_threshold=threshold, clip_delay=clip_delay,
+          clip_threshold=threshold, clip_delay=clip_delay, rounding=rounding,
       ),
       optax.scale_by_schedule(reset_warmup_schedule(reset_interval, warmup_steps)),
   ]

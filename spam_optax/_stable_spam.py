@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _steps, _tree
+from spam_optax import _rounding, _steps, _tree
 from spam_optax._adaptive_clip import adaptive_spike_clip
 from spam_optax._adaptive_norm import adaptive_grad_norm
 
@@ -84,6 +84,7 @@ def scale_by_stable_spam_adam(
     corrected_reset: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    rounding: str = "stochastic",
 ) -> optax.GradientTransformation:
   r"""Adam with Stable-SPAM's momentum reset (PyTorch-style :math:`\epsilon`).
 
@@ -109,6 +110,14 @@ def scale_by_stable_spam_adam(
   :math:`\beta_1` (Stable-SPAM's cosine factor, see :func:`stable_spam_momentum_scale`), the value at
   the current update is used in both the EMA and its bias correction, as in the official code.
 
+  **Low-precision state.** The moments are computed in float32 and rounded once when stored. In a
+  dtype narrower than float32 (bfloat16) the default ``rounding="stochastic"`` stores :math:`x` as
+  its upper neighbour :math:`hi` with probability :math:`(x - lo)/(hi - lo)`, else as :math:`lo`,
+  so :math:`\mathbb{E}[\mathrm{SR}(x)] = x` and :math:`v` decays as in float32;
+  ``rounding="nearest"`` is the authors' behaviour (:math:`0.999 v` rounds back to :math:`v`). The
+  random bits are a counter-based hash of (count, leaf, moment, position), identical on every
+  device and after a restore. Float32 state is not rounded.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax
@@ -120,6 +129,9 @@ def scale_by_stable_spam_adam(
     >>> updates, state = tx.update(jnp.array([0.1, -0.2, 0.3]), state, params)
     >>> print(jnp.round(updates / 1e-3, 4))  # first Adam step: -lr * g / (|g| + eps)
     [-1.  1. -1.]
+    >>> half = scale_by_stable_spam_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+    >>> print(half.init(params).nu.dtype)  # stored with stochastic rounding
+    bfloat16
 
   Args:
     b1: decay of the first moment, in [0, 1), or a schedule of the update count returning it.
@@ -130,6 +142,8 @@ def scale_by_stable_spam_adam(
     mu_dtype: dtype of ``mu``; None (default) uses the parameters' dtype (as optax and
       :func:`spam_optax.spam`). Arithmetic is done in at least float32 whatever the storage dtype.
     nu_dtype: dtype of ``nu``; None (default) uses the parameters' dtype.
+    rounding: ``"stochastic"`` (default) or ``"nearest"``: how the moments are stored in a dtype
+      narrower than float32; no effect on float32 state.
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -137,6 +151,7 @@ def scale_by_stable_spam_adam(
   References:
     Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam
     <https://arxiv.org/abs/2502.17055>`_, 2025 (MoRet, Algorithm 1).
+    Gupta et al., Deep Learning with Limited Numerical Precision, ICML 2015 (stochastic rounding).
   """
   if not callable(b1):
     _steps.check_beta("b1", b1)
@@ -147,6 +162,7 @@ def scale_by_stable_spam_adam(
     raise ValueError(f"corrected_reset must be a bool, got {corrected_reset!r}")
   mu_dtype = _steps.float_dtype_or_none("mu_dtype", mu_dtype)
   nu_dtype = _steps.float_dtype_or_none("nu_dtype", nu_dtype)
+  _rounding.check_rounding(rounding)
 
   def init_fn(params):
     return ScaleByStableSpamAdamState(
@@ -164,7 +180,7 @@ def scale_by_stable_spam_adam(
       start_fresh = _steps.is_reset_step(state.count - 1, reset_interval) & (state.count > 0)
     b1_t = b1(state.count) if callable(b1) else b1
 
-    def leaf(g, mu, nu):
+    def leaf(g, mu, nu, index):
       # Arithmetic in the wider of the moment and gradient dtypes (float32 for bf16 everything).
       dt = jnp.promote_types(_steps.stat_dtype(g.dtype), jnp.promote_types(mu.dtype, nu.dtype))
       b1c = jnp.asarray(b1_t, dt)
@@ -178,9 +194,12 @@ def scale_by_stable_spam_adam(
       bc1 = 1 - _steps.power(b1c, s, dt)
       bc2 = 1 - _steps.power(b2, s, dt)
       u = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
-      return u.astype(g.dtype), m.astype(mu.dtype), v.astype(nu.dtype)
+      m = _rounding.store(m, mu.dtype, rounding, state.count, index, _rounding.STREAM_MU)
+      v = _rounding.store(v, nu.dtype, rounding, state.count, index, _rounding.STREAM_NU)
+      return u.astype(g.dtype), m, v
 
-    new_updates, new_mu, new_nu = _tree.map_multi(leaf, updates, state.mu, state.nu, n_out=3)
+    new_updates, new_mu, new_nu = _tree.map_multi(
+        leaf, updates, state.mu, state.nu, _tree.leaf_indices(updates), n_out=3)
     return new_updates, ScaleByStableSpamAdamState(
         count=optax.safe_increment(state.count), mu=new_mu, nu=new_nu
     )
@@ -204,6 +223,7 @@ def stable_spam(
     corrected_reset: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    rounding: str = "stochastic",
 ) -> optax.GradientTransformation:
   r"""Stable-SPAM: adaptive spike clipping, adaptive norm, Adam with momentum reset.
 
@@ -279,6 +299,8 @@ def stable_spam(
       ``jnp.float32`` to keep float32 moments for bf16 parameters (per-tensor statistics are always
       at least float32).
     nu_dtype: dtype of Adam's second moment; None uses the parameters' dtype.
+    rounding: ``"stochastic"`` (default) or ``"nearest"``: how Adam's moments are stored in a
+      dtype narrower than float32 (see :func:`scale_by_stable_spam_adam`); no effect on float32.
 
   Returns:
     An :class:`optax.GradientTransformation` (an :func:`optax.chain`).
@@ -313,7 +335,7 @@ def stable_spam(
       adaptive_grad_norm(gamma1_t, gamma2, eps, bias_correction_reset_interval=stats_interval),
       scale_by_stable_spam_adam(
           b1_t, b2, eps, reset_interval=reset_interval, corrected_reset=corrected_reset,
-          mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+          mu_dtype=mu_dtype, nu_dtype=nu_dtype, rounding=rounding,
       ),
   ]
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):

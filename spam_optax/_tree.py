@@ -15,3 +15,9 @@ def map_multi(fn, tree, *rest, n_out: int):
   rest_leaves = [treedef.flatten_up_to(r) for r in rest]
   outs = [fn(*args) for args in zip(leaves, *rest_leaves)]
   return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n_out))
+
+
+def leaf_indices(tree):
+  """A tree like `tree` whose leaves are their positions 0, 1, ... in `jax.tree.leaves(tree)`."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten(list(range(len(leaves))))

@@ -1,0 +1,123 @@
+r"""Storing optimizer state in a narrower float dtype: round to nearest, or stochastically.
+
+Moments are always *computed* in float32 (or wider); only the store into a sub-float32 state dtype
+(bfloat16, float16, float8) rounds. Round-to-nearest (the authors' pure-bf16 behaviour, and what
+``x.astype(bfloat16)`` does) loses every increment below half a unit in the last place: with
+bfloat16's 8 significant bits, ``0.999 v`` rounds back to ``v``, so Adam's second moment stops
+growing at 0.25 under a constant gradient of 1 and never decays again (SPEC §4).
+
+Stochastic rounding stores ``x`` as one of its two neighbours ``lo <= x < hi`` in the state dtype,
+
+.. math::
+
+  \operatorname{SR}(x) = \begin{cases} hi & \text{with probability } (x - lo) / (hi - lo) \\
+                                       lo & \text{otherwise} \end{cases}
+  \qquad\Rightarrow\qquad \mathbb{E}[\operatorname{SR}(x)] = x,
+
+so a linear recursion such as ``v <- β2 v + (1-β2) g²`` keeps, in expectation, the float32
+trajectory. For bfloat16 (the upper 16 bits of a float32) this is one integer add: add 16 uniform
+random bits to the float32 bit pattern and truncate the lower 16 bits. Other narrow dtypes use the
+two neighbours explicitly.
+
+The random bits are a pure function of (update count, leaf index, stream, flat position): a
+counter-based hash (murmur3's 32-bit finaliser), so nothing is stored, there is no PRNG key to
+split or checkpoint, every device of a sharded array draws the bits of its own global positions
+(``iota`` is partitioned by XLA), and a restored checkpoint continues with the same bits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROUNDINGS = ("stochastic", "nearest")
+
+# Salts that separate the random streams of the moments (so m and v of an entry never share bits).
+STREAM_MU = 0x6D75  # "mu"
+STREAM_NU = 0x6E75  # "nu"
+
+
+def hash32(x: jax.Array, seed: jax.Array) -> jax.Array:
+  """murmur3 fmix32 of (x * golden ratio + seed): a cheap, well-mixed counter-based hash.
+
+  `x` is any integer array (taken modulo 2**32), `seed` a uint32 scalar or broadcastable array.
+  (The same function as ``spam_optax._sparse._hash32``, which should import it from here.)
+  """
+  h = x.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.asarray(seed, jnp.uint32)
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def check_rounding(rounding: str) -> str:
+  """ValueError unless `rounding` is "stochastic" or "nearest"."""
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
+  return rounding
+
+
+def rounds(dtype) -> bool:
+  """Whether storing a float32 value in `dtype` loses precision (a float narrower than float32)."""
+  dtype = jnp.dtype(dtype)
+  return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+
+
+def random_bits(shape, count: jax.Array, leaf_index: int, stream: int) -> jax.Array:
+  """uint32 bits, one per entry of `shape`: hash of (count, leaf_index, stream, flat position).
+
+  A pure function of its arguments; the same on every device and after a restore.
+  """
+  seed = hash32(jnp.asarray(count).astype(jnp.uint32), jnp.uint32(
+      (int(leaf_index) * 0x2545F491 + int(stream) * 0x9E3779B9) & 0xFFFFFFFF))
+  seed = hash32(seed, jnp.uint32(int(stream) & 0xFFFFFFFF))
+  if not shape:
+    position = jnp.zeros((), jnp.uint32)
+  else:
+    strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]  # row-major flat index
+    position = sum(
+        jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(int(s) & 0xFFFFFFFF)
+        for d, s in enumerate(strides))
+  return hash32(position, seed)
+
+
+def stochastic_round(x: jax.Array, dtype, bits: jax.Array) -> jax.Array:
+  """Rounds float32 `x` to `dtype` up or down with probabilities that make it unbiased.
+
+  `bits` are uniform uint32 of x's shape. bfloat16: add the low 16 bits of `bits` to the float32
+  bit pattern and truncate (inf stays inf, NaN stays NaN). Other dtypes: pick between the two
+  neighbours ``lo <= x <= hi`` in `dtype` with probability ``(x - lo) / (hi - lo)`` for ``hi``.
+  """
+  dtype = jnp.dtype(dtype)
+  x = x.astype(jnp.float32)
+  if dtype == jnp.bfloat16:
+    b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    b = (b + (bits & jnp.uint32(0xFFFF))) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(b, jnp.float32).astype(dtype)
+  nearest = x.astype(dtype)
+  n32 = nearest.astype(jnp.float32)
+  other = jnp.where(n32 > x, jnp.nextafter(nearest, jnp.asarray(-jnp.inf, dtype)),
+                    jnp.nextafter(nearest, jnp.asarray(jnp.inf, dtype)))
+  o32 = other.astype(jnp.float32)
+  lo32, hi32 = jnp.minimum(n32, o32), jnp.maximum(n32, o32)
+  lo, hi = jnp.where(n32 <= o32, nearest, other), jnp.where(n32 <= o32, other, nearest)
+  width = hi32 - lo32
+  p_hi = jnp.where(width > 0, (x - lo32) / jnp.where(width > 0, width, 1), 0)
+  u = (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+  out = jnp.where(u < p_hi, hi, lo)
+  return jnp.where(jnp.isfinite(x) & jnp.isfinite(o32), out, nearest)
+
+
+def store(x: jax.Array, dtype, rounding: str, count: jax.Array, leaf_index: int,
+          stream: int) -> jax.Array:
+  """``x`` (computed in float32 or wider) as `dtype` for the optimizer state.
+
+  Stochastically rounded when ``rounding == "stochastic"`` and `dtype` is narrower than float32;
+  otherwise a plain ``astype`` (so float32 state compiles exactly as without this function).
+  """
+  dtype = jnp.dtype(dtype)
+  if rounding == "nearest" or not rounds(dtype):
+    return x.astype(dtype)
+  return stochastic_round(x, dtype, random_bits(x.shape, count, leaf_index, stream))
