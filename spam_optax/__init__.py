@@ -19,6 +19,8 @@ from spam_optax._spike_monitor import (
     spike_counts,
     spike_monitor,
 )
+from spam_optax._skip import SkipStepOnSpikesState, skip_step_on_spikes
+from spam_optax._zclip import ZClipState, zclip
 from spam_optax._stable_spam import (
     ScaleByStableSpamAdamState,
     scale_by_stable_spam_adam,
@@ -51,4 +53,8 @@ __all__ = [
     "spike_monitor",
     "stable_spam",
     "stable_spam_momentum_scale",
+    "SkipStepOnSpikesState",
+    "skip_step_on_spikes",
+    "ZClipState",
+    "zclip",
 ]

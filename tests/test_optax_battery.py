@@ -152,3 +152,72 @@ def test_flax_nnx_optimizer(density):
   for _ in range(100):
     last = float(step(model, opt))
   assert last < 0.5 * first
+
+
+# The spike defences of other trainers (ZClip, MaxText-style step skipping) as chainable transforms.
+COMPETITORS = {
+    "zclip": lambda: optax.chain(spam.zclip(warmup_steps=2), spam.spam(1e-2, **SMALL)),
+    "zclip_percentile": lambda: optax.chain(spam.zclip(warmup_steps=2, mode="percentile",
+                                                       max_grad_norm=None), optax.adamw(1e-2)),
+    "skip": lambda: spam.skip_step_on_spikes(spam.spam(1e-2, **SMALL), window=4, sigma=1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPETITORS))
+def test_competitors_jit_once_dtypes_stable_and_converge(name):
+  chex.clear_trace_counter()
+  tx = COMPETITORS[name]()
+  p = {"w": jnp.ones((4, 4), jnp.bfloat16), "b": jnp.ones(4, jnp.float32)}
+  state = tx.init(p)
+  dtypes = jax.tree.map(lambda x: x.dtype, state)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(p, state, k):
+    g = jax.tree.map(lambda x: (x * (1 + 50.0 * (k % 5 == 4))).astype(x.dtype), p)  # spikes
+    u, state = tx.update(g, state, p)
+    return optax.apply_updates(p, u), state
+
+  for k in range(12):
+    p, state = step(p, state, jnp.int32(k))
+  chex.assert_trees_all_equal(jax.tree.map(lambda x: x.dtype, state), dtypes)
+  assert p["w"].dtype == jnp.bfloat16
+  assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(p))
+  assert float(jnp.abs(p["b"]).max()) < 1.0  # it moved towards 0
+
+
+def test_competitors_inject_hyperparams():
+  p = {"w": jnp.linspace(-1, 1, 6)}
+  grads = [{"w": jnp.cos(p["w"] * k) * (30.0 if k == 7 else 1.0)} for k in range(10)]
+  plain = spam.zclip(alpha=0.9, z_thresh=2.0, warmup_steps=3, max_grad_norm=None)
+  inj = optax.inject_hyperparams(spam.zclip)(alpha=0.9, z_thresh=2.0, warmup_steps=3,
+                                             max_grad_norm=None)
+  s1, s2 = plain.init(p), inj.init(p)
+  for g in grads:
+    u1, s1 = plain.update(g, s1)
+    u2, s2 = jax.jit(inj.update)(g, s2)
+    chex.assert_trees_all_close(u1, u2, rtol=1e-5)
+  s2.hyperparams["z_thresh"] = jnp.asarray(1e6)  # nothing is a spike any more
+  u, _ = inj.update(grads[7], s2)
+  chex.assert_trees_all_close(u, grads[7], rtol=1e-6)
+  skip = optax.inject_hyperparams(spam.skip_step_on_spikes, static_args=("window", "min_history"))(
+      inner=optax.sgd(1e-2), window=4, sigma=2.0)
+  s = skip.init(p)
+  for g in grads:
+    u, s = jax.jit(skip.update)(g, s, p)
+  assert int(s.inner_state.total_skipped) == 1  # the x30 step
+
+
+def test_competitors_under_multisteps_count_real_updates():
+  p = {"w": jnp.ones(4)}
+  for inner in (optax.chain(spam.zclip(warmup_steps=2), optax.sgd(1.0)),
+                spam.skip_step_on_spikes(optax.sgd(1.0), window=4)):
+    tx = optax.MultiSteps(inner, every_k_schedule=3)
+    state = tx.init(p)
+    for i in range(9):
+      _, state = tx.update({"w": jnp.full(4, float(i + 1))}, state, p)
+    counts = [int(x.count) for x in jax.tree.leaves(
+        state.inner_opt_state, is_leaf=lambda x: isinstance(x, (spam.ZClipState,
+                                                                spam.SkipStepOnSpikesState)))
+              if isinstance(x, (spam.ZClipState, spam.SkipStepOnSpikesState))]
+    assert counts == [3]
