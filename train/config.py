@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from models import CONFIGS, DTYPES
+from models.llama import ATTENTION, REMAT
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,6 @@ class Config:
   optimizer: str = "spam"
   dtype: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 params) | pure_bf16
   opt_state_dtype: str | None = None  # dtype of the moments; default float32
-  remat: bool = False
   # Run length and batch.
   steps: int = 800
   batch_size: int = 16  # global, in sequences
@@ -91,6 +91,10 @@ class Config:
   spike_prob: float = 0.0
   spike_scale: float = 100.0
   spike_mode: str = "grad"
+  # How the step is computed: speed and memory only (same parameters, same results to rounding).
+  attention: str = "auto"  # auto | cpu | xla | cudnn
+  scan_layers: bool = True
+  remat: str = "none"  # none | block | dots
   # Fine-tuning, export and throughput accounting.
   init_from: str | None = None  # Hugging Face Llama directory or a workdir/checkpoint of this script
   export_hf: str | None = None  # write the final weights as a Hugging Face Llama directory
@@ -131,6 +135,13 @@ _HELP = {
     "restart_bias_correction": "SPAM: restart the bias-correction count at every reset (not the "
                                "authors' code, whose post-reset steps are ~1.9x larger)",
     "spike_mode": f"spike injection ({', '.join(SPIKE_MODES)})",
+    "attention": "attention kernel: cpu (heads-major matmuls, fastest on XLA:CPU), xla or cudnn "
+                 "(jax.nn.dot_product_attention; cudnn = flash attention on NVIDIA GPUs, bf16 "
+                 "only); auto = cpu on a CPU backend, else xla",
+    "scan_layers": "run the layers under lax.scan (compile time flat in depth); false unrolls them "
+                   "(parameters and checkpoints are the same either way)",
+    "remat": f"recompute in the backward pass ({', '.join(REMAT)}): block = all of each block, "
+             "dots = all but the projections' outputs",
     "init_from": "start from these weights with a fresh optimizer state (fine-tuning): a Hugging "
                  "Face LlamaForCausalLM directory (config.json + safetensors; the model shape comes "
                  "from it and --model is ignored) or a workdir / checkpoints/STEP of this script",
@@ -189,6 +200,9 @@ def validate(cfg: Config) -> None:
   _require(cfg.optimizer in OPTIMIZERS,
            f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
   _require(cfg.dtype in DTYPES, f"unknown dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+  _require(cfg.attention in ATTENTION,
+           f"unknown --attention {cfg.attention!r}; valid: {', '.join(ATTENTION)}")
+  _require(cfg.remat in REMAT, f"unknown --remat {cfg.remat!r}; valid: {', '.join(REMAT)}")
   _require(cfg.tokenizer in TOKENIZERS,
            f"unknown tokenizer {cfg.tokenizer!r}; valid tokenizers: {', '.join(TOKENIZERS)}")
   _require(cfg.spike_mode in SPIKE_MODES,

@@ -232,10 +232,14 @@ class RunResult:
   mfu: float | None = None  # over the whole call's training time; None without a device peak
 
 
+# Model fields that change how the step is computed, not the state: a checkpoint restores across them.
+COMPUTE_ONLY = ("max_seq_len", "remat", "attention", "scan_layers")
+
+
 def compat_record(cfg: Config, model_cfg: models.LlamaConfig, dataset: data_lib.Dataset) -> dict:
   """What a checkpoint must share with the run that restores it."""
   model = {k: (str(jnp.dtype(v)) if k in ("dtype", "param_dtype") else v)
-           for k, v in dataclasses.asdict(model_cfg).items() if k not in ("max_seq_len", "remat")}
+           for k, v in dataclasses.asdict(model_cfg).items() if k not in COMPUTE_ONLY}
   opt = {k: getattr(cfg, k) for k in ("optimizer", "opt_state_dtype")}
   opt["spike_monitor"] = cfg.spike_monitor > 0  # it adds a state to the chain
   if cfg.optimizer == "spam":
@@ -260,7 +264,8 @@ def model_config(cfg: Config, vocab_size: int) -> models.LlamaConfig:
     vocab_size = base.vocab_size
   else:
     base = models.get_config(cfg.model)
-  return base.replace(vocab_size=vocab_size, remat=cfg.remat,
+  return base.replace(vocab_size=vocab_size, remat=cfg.remat, attention=cfg.attention,
+                      scan_layers=cfg.scan_layers,
                       max_seq_len=max(base.max_seq_len, cfg.seq_len)).with_precision(cfg.dtype)
 
 

@@ -1,0 +1,131 @@
+"""How the LLaMA step is computed (attention kernels, fused SwiGLU, scan, remat): every choice gives
+the same numbers, and scan and remat do what they are for (flat program size, less memory)."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import CONFIGS, make_model
+from models.llama import causal_attention, swiglu
+
+TINY = CONFIGS["tiny"].replace(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,
+                               num_layers=2)
+
+
+def reference_attention(q, k, v):
+  """The textbook formulation: materialised scores, kv heads repeated per group (HF repeat_kv)."""
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  t = q.shape[1]
+  scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def values_and_grads(fn, *args):
+  cotangent = jax.random.normal(jax.random.key(9), fn(*args).shape)
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent)
+  return jax.jit(fn)(*args), jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+
+def assert_close(a, b, **tol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **tol)
+
+
+def test_swiglu_vjp_equals_autodiff():
+  a, b = jax.random.normal(jax.random.key(0), (2, 37, 24)) * 3
+  ours = values_and_grads(swiglu, a, b)
+  autodiff = values_and_grads(lambda x, y: jax.nn.silu(x) * y, a, b)
+  assert_close(ours, autodiff, rtol=1e-6, atol=1e-6)
+  bf16 = values_and_grads(swiglu, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16))
+  assert_close(bf16, autodiff, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
+@pytest.mark.parametrize("implementation", ["cpu", "xla"])
+def test_attention_implementations_agree_with_the_textbook_formula(implementation, kv_heads):
+  kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(kq, (2, 11, 4, 8))
+  k, v = (jax.random.normal(key, (2, 11, kv_heads, 8)) for key in (kk, kv))
+  got = values_and_grads(lambda *a: causal_attention(*a, implementation=implementation), q, k, v)
+  assert_close(got, values_and_grads(reference_attention, q, k, v), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_attention_agrees_with_the_cpu_kernel_in_bf16():
+  q, k, v = (jax.random.normal(key, (2, 128, 4, 64), jnp.bfloat16)
+             for key in jax.random.split(jax.random.key(2), 3))
+  got = values_and_grads(lambda *a: causal_attention(*a, implementation="cudnn"), q, k, v)
+  want = values_and_grads(lambda *a: causal_attention(*a, implementation="cpu"), q, k, v)
+  assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+@functools.cache
+def logits_and_grads(**changes):
+  cfg = TINY.replace(num_kv_heads=2, **changes)
+  tokens = jnp.arange(40, dtype=jnp.int32).reshape(2, 20) * 7 % TINY.vocab_size
+  graphdef, params = nnx.split(make_model(cfg, seed=2), nnx.Param)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(tokens)
+    return logits.astype(jnp.float32).std(), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
+@pytest.mark.parametrize("scan_layers,remat", [(True, "none"), (False, "none"), (True, "block"),
+                                               (True, "dots"), (False, "dots")])
+def test_scan_unroll_and_remat_give_the_same_logits_and_gradients(scan_layers, remat):
+  want = logits_and_grads(scan_layers=False, remat="none", attention="xla")
+  got = logits_and_grads(scan_layers=scan_layers, remat=remat, attention="cpu")
+  assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_are_stored_per_layer_whether_scanned_or_not():
+  scanned = nnx.to_pure_dict(nnx.state(make_model(TINY.replace(scan_layers=True)), nnx.Param))
+  looped = nnx.to_pure_dict(nnx.state(make_model(TINY.replace(scan_layers=False)), nnx.Param))
+  assert jax.tree.structure(scanned) == jax.tree.structure(looped)
+  assert scanned["layers"][1]["attn"]["q_proj"]["kernel"].shape == (32, 32)
+
+
+def train_step_hlo(cfg, batch=2, seq=16) -> str:
+  graphdef, params = nnx.split(make_model(cfg), nnx.Param)
+  loss = lambda p, t: nnx.merge(graphdef, p)(t).astype(jnp.float32).mean()
+  return jax.jit(jax.grad(loss)).lower(params, jnp.zeros((batch, seq), jnp.int32)).as_text()
+
+
+def test_scanned_program_does_not_grow_with_depth():
+  dots = lambda cfg: train_step_hlo(cfg).count("dot_general")
+  shallow, deep = TINY.replace(num_layers=2), TINY.replace(num_layers=6)
+  assert dots(shallow) == dots(deep)
+  assert dots(deep.replace(scan_layers=False)) > dots(shallow.replace(scan_layers=False))
+
+
+def test_remat_lowers_peak_memory():
+  cfg = TINY.replace(hidden_size=64, intermediate_size=256, num_layers=4)
+  tokens = jnp.zeros((8, 64), jnp.int32)
+
+  def temp_bytes(remat):
+    graphdef, params = nnx.split(make_model(cfg.replace(remat=remat)), nnx.Param)
+    loss = lambda p: nnx.merge(graphdef, p)(tokens).astype(jnp.float32).mean()
+    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  none, dots, block = temp_bytes("none"), temp_bytes("dots"), temp_bytes("block")
+  assert block < dots < none
+
+
+def test_remat_names_and_the_former_boolean():
+  assert TINY.replace(remat=True).remat == "block"
+  assert TINY.replace(remat=False).remat == "none"
+  with pytest.raises(ValueError, match="unknown remat 'all'; valid: none, block, dots"):
+    TINY.replace(remat="all")
+  with pytest.raises(ValueError, match="unknown attention 'flash'"):
+    TINY.replace(attention="flash")
