@@ -14,6 +14,7 @@ from typing import Any
 
 from models import CONFIGS, DTYPES
 from models.llama import ATTENTION, REMAT
+from models.quant import QUANTS
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,9 @@ class Config:
   opt_state_dtype: str | None = None  # dtype of the moments; default float32
   # Run length and batch.
   steps: int = 800
+  # Fake-quantized 4-bit training of the seven projections (models/quant.py, docs/QUANTIZATION.md).
+  quant: str = "none"  # none | int4 | fp4
+  quant_group_size: int = 256  # along the input dimension, as the authors
   batch_size: int = 16  # global, in sequences
   seq_len: int = 128
   # Learning rate: linear warmup from 0, then cosine to min_lr_ratio * lr at schedule_steps.
@@ -130,6 +134,10 @@ _HELP = {
     "data": "shakespeare (embedded), c4 (HF streaming), or a path: text file, directory of *.txt, "
             "or token file (.bin raw, .npy) of uint16/uint32 ids",
     "mesh": "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; default: data=#devices)",
+    "quant": "fake-quantize weights and activations of the q/k/v/o/gate/up/down projections "
+             f"({', '.join(QUANTS)}; straight-through gradients, with qwix; docs/QUANTIZATION.md)",
+    "quant_group_size": "--quant group length along the input dimension (the largest divisor of "
+                        "the dimension not above it)",
     "density": "SPAM momentum density d in (0, 1]",
     "reset_warmup": "SPAM warmup steps N after each momentum reset",
     "restart_bias_correction": "SPAM: restart the bias-correction count at every reset (not the "
@@ -232,6 +240,9 @@ def validate(cfg: Config) -> None:
   _require(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
   _require(0 < cfg.val_fraction < 1, f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
   _require(cfg.total_schedule_steps >= 1,
+  _require(cfg.quant in QUANTS, f"unknown --quant {cfg.quant!r}; valid: {', '.join(QUANTS)}")
+  _require(isinstance(cfg.quant_group_size, int) and cfg.quant_group_size >= 1,
+           f"--quant-group-size must be a positive integer, got {cfg.quant_group_size!r}")
            f"--schedule-steps must be a positive integer, got {cfg.schedule_steps}")
   _require(0 <= cfg.lr_warmup_steps <= cfg.total_schedule_steps,
            f"--warmup-steps ({cfg.lr_warmup_steps}) must be in [0, schedule steps "

@@ -24,6 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import models
 from models.llama import BATCH_AXES, FSDP, MESH_AXES, Llama, fit_spec
+from models import quant as quant_lib
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import init_from as init_lib
@@ -244,8 +245,9 @@ def compat_record(cfg: Config, model_cfg: models.LlamaConfig, dataset: data_lib.
   opt["spike_monitor"] = cfg.spike_monitor > 0  # it adds a state to the chain
   if cfg.optimizer == "spam":
     opt.update(density=cfg.density, reset_interval=cfg.reset_interval)
+  quant = {"type": cfg.quant, "group_size": cfg.quant_group_size if cfg.quant != "none" else None}
   return {"model": model, "optimizer": opt, "data": dataset.fingerprint,
-          "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed}
+          "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "quant": quant}
 
 
 def _log(*args) -> None:
@@ -291,7 +293,10 @@ def build_training(cfg: Config, model_cfg: models.LlamaConfig, mesh: Mesh) -> Tr
   """
   tx, schedule = optimizers.build_optimizer(cfg)
   spike_count = optimizers.spike_counter(cfg)
-  graphdef, abstract_params = nnx.split(models.abstract_model(model_cfg, mesh=mesh), nnx.Param)
+  # --quant: the graphdef carries qwix's interception; the parameters are the float ones.
+  abstract = quant_lib.quantize(models.abstract_model(model_cfg, mesh=mesh), cfg.quant,
+                                cfg.quant_group_size)
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   param_sh = models.param_shardings(abstract_params, mesh)
 
   def init_state():
@@ -346,6 +351,9 @@ def run(cfg: Config) -> RunResult:
     _log(f"model {model_name}: {num_params:,} parameters ({cfg.dtype}); optimizer {cfg.optimizer}; "
          f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
          f"{pc} process(es)")
+    if cfg.quant != "none":
+      _log(f"fake-quantized {cfg.quant} weights and activations in q/k/v/o/gate/up/down "
+           f"(groups of up to {cfg.quant_group_size} along the input dimension)")
     _log(f"data {dataset.description}")
 
     latest = checkpointer.latest_step()
