@@ -302,3 +302,57 @@ def test_spike_monitor_logs_per_layer_type_and_writes_the_report(tmp_path):
         "--spike-monitor", "5", "--workdir", str(work), "--schedule-steps", "12"])
   steps = [json.loads(l)["step"] for l in (work / "spike_layers.jsonl").read_text().splitlines()]
   assert steps == [3, 6, 9, 12, 15]
+
+
+def test_spike_defence_rows_are_the_documented_chains():
+  """adamw_clip_norm / adamw_zclip / adamw_skip / spam_clip_norm wrap the plain rows as documented."""
+  params, cfg = toy_params(), Config(lr=1e-2, warmup_steps=0, steps=10, skip_window=4, skip_sigma=1.0)
+  spike = jax.tree.map(lambda p: 1e3 * jnp.ones_like(p), params)
+  ones = jax.tree.map(jnp.ones_like, params)
+  small = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+
+  def run(name, grads_seq, **changes):
+    tx, _ = optimizers.build_optimizer(cfg.replace(optimizer=name, **changes))
+    state = tx.init(params)
+    for g in grads_seq:
+      u, state = jax.jit(tx.update)(g, state, params)
+    return u, state
+
+  # global-norm clipping at 1.0 makes a x1000 gradient the same update as a unit-norm one
+  for clipped, plain in (("adamw_clip_norm", "adamw"), ("spam_clip_norm", "spam")):
+    u_spike, _ = run(clipped, [spike])
+    norm = float(optax.tree.norm(spike))
+    u_unit, _ = run(plain, [jax.tree.map(lambda g: g / (norm + 1e-6), spike)])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9), u_spike, u_unit)
+  # ZClip's cap (max_grad_norm 1.0) applies from the first step
+  _, state = run("adamw_zclip", [spike])
+  zstate = optimizers._find_state(state, spam.ZClipState)
+  assert int(zstate.count) == 1
+  # the skip row: after a quiet history, a x1000 step returns zero updates and keeps AdamW's state
+  u, state = run("adamw_skip", [ones, small, ones, small, spike])
+  assert bool(state.last_skipped) and int(state.total_skipped) == 1
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
+  assert int(state.inner_state[0].count) == 4  # AdamW saw the 4 quiet steps only
+
+
+def test_state_rounding_reaches_spam_and_stable_spam(tmp_path):
+  assert parse_args(["--state-rounding", "nearest"]).state_rounding == "nearest"
+  assert Config().state_rounding == "stochastic"
+  params = toy_params()
+  grads = jax.tree.map(lambda p: 0.37 * jnp.ones_like(p), params)
+  for name in ("spam", "stable_spam"):
+    nus = {}
+    for rounding in ("stochastic", "nearest"):
+      cfg = Config(optimizer=name, opt_state_dtype="bfloat16", state_rounding=rounding, steps=10)
+      tx, _ = optimizers.build_optimizer(cfg)
+      state = tx.init(params)
+      for _ in range(20):
+        _, state = jax.jit(tx.update)(grads, state, params)
+      cls = spam.ScaleByAdamWithResetState if name == "spam" else spam.ScaleByStableSpamAdamState
+      nu = optimizers._find_state(state, cls).nu
+      assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nu))
+      nus[rounding] = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(nu)])
+    assert not np.array_equal(nus["stochastic"], nus["nearest"]), name
+  with pytest.raises(ConfigError, match="--state-rounding must be one of stochastic, nearest"):
+    main(FAST + ["--state-rounding", "down", "--steps", "1", "--workdir", str(tmp_path / "w")])
+  assert not (tmp_path / "w").exists()

@@ -22,7 +22,9 @@ class ConfigError(ValueError):
 
 
 OPTIMIZERS = ("spam", "stable_spam", "adam", "adamw", "adam_clip_norm", "adam_clip_value",
-              "adafactor", "galore", "scale")
+              "adafactor", "galore", "scale", "adamw_clip_norm", "adamw_zclip", "adamw_skip",
+              "spam_clip_norm")
+STATE_ROUNDINGS = ("stochastic", "nearest")
 TOKENIZERS = ("auto", "byte", "bpe", "t5")
 SPIKE_MODES = ("grad", "grad_entries", "input")
 
@@ -34,11 +36,11 @@ class Config:
   optimizer: str = "spam"
   dtype: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 params) | pure_bf16
   opt_state_dtype: str | None = None  # dtype of the moments; default float32
-  # Run length and batch.
-  steps: int = 800
   # Fake-quantized 4-bit training of the seven projections (models/quant.py, docs/QUANTIZATION.md).
   quant: str = "none"  # none | int4 | fp4
   quant_group_size: int = 256  # along the input dimension, as the authors
+  # Run length and batch.
+  steps: int = 800
   batch_size: int = 16  # global, in sequences
   seq_len: int = 128
   # Learning rate: linear warmup from 0, then cosine to min_lr_ratio * lr at schedule_steps.
@@ -65,6 +67,11 @@ class Config:
   galore_rank: int = 128
   galore_gap: int = 200
   galore_scale: float = 0.25
+  # Optimizer-state rounding and the spike defences of other trainers (adamw_zclip, adamw_skip).
+  state_rounding: str = "stochastic"  # how moments narrower than float32 are stored (SPAM family)
+  zclip_z_thresh: float = 2.5  # spam.zclip's z_thresh (other ZClip settings: its defaults)
+  skip_window: int = 128  # spam.skip_step_on_spikes: rolling window of gradient norms (MaxText)
+  skip_sigma: float = 6.0  # ... and how many standard deviations above the mean skip a step
   # Data.
   data: str = "shakespeare"  # shakespeare | c4 | PATH (text file, directory, .bin/.npy tokens)
   tokenizer: str = "auto"  # auto: byte for text, t5 for c4, ids as stored for token files
@@ -127,6 +134,10 @@ _HELP = {
     "dtype": f"numerics ({', '.join(DTYPES)})",
     "opt_state_dtype": "dtype of optimizer moments (float32, bfloat16, float16); default float32 "
                        "(SPAM: both moments; optax's Adam family: the first moment)",
+    "quant": "fake-quantize weights and activations of the q/k/v/o/gate/up/down projections "
+             f"({', '.join(QUANTS)}; straight-through gradients, with qwix; docs/QUANTIZATION.md)",
+    "quant_group_size": "--quant group length along the input dimension (the largest divisor of "
+                        "the dimension not above it)",
     "steps": "total optimizer steps; rerunning with a larger value resumes from the workdir",
     "batch_size": "global batch size in sequences",
     "schedule_steps": "length of the cosine LR schedule (default: --steps; set it to resume "
@@ -134,14 +145,17 @@ _HELP = {
     "data": "shakespeare (embedded), c4 (HF streaming), or a path: text file, directory of *.txt, "
             "or token file (.bin raw, .npy) of uint16/uint32 ids",
     "mesh": "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; default: data=#devices)",
-    "quant": "fake-quantize weights and activations of the q/k/v/o/gate/up/down projections "
-             f"({', '.join(QUANTS)}; straight-through gradients, with qwix; docs/QUANTIZATION.md)",
-    "quant_group_size": "--quant group length along the input dimension (the largest divisor of "
-                        "the dimension not above it)",
     "density": "SPAM momentum density d in (0, 1]",
     "reset_warmup": "SPAM warmup steps N after each momentum reset",
     "restart_bias_correction": "SPAM: restart the bias-correction count at every reset (not the "
                                "authors' code, whose post-reset steps are ~1.9x larger)",
+    "state_rounding": "how SPAM / Stable-SPAM store moments narrower than float32 "
+                      "(--opt-state-dtype bfloat16): stochastic (unbiased, v still decays) or "
+                      "nearest (the authors' pure-bf16 behaviour: 0.999 v rounds back to v)",
+    "zclip_z_thresh": "adamw_zclip: z-score above which ZClip clips the gradient norm",
+    "skip_window": "adamw_skip: steps in the rolling window of gradient norms",
+    "skip_sigma": "adamw_skip: skip a step whose gradient norm exceeds the window's mean by this "
+                  "many standard deviations (inner optimizer state untouched)",
     "spike_mode": f"spike injection ({', '.join(SPIKE_MODES)})",
     "attention": "attention kernel: cpu (heads-major matmuls, fastest on XLA:CPU), xla or cudnn "
                  "(jax.nn.dot_product_attention; cudnn = flash attention on NVIDIA GPUs, bf16 "
@@ -217,9 +231,18 @@ def validate(cfg: Config) -> None:
            f"unknown spike mode {cfg.spike_mode!r}; valid: {', '.join(SPIKE_MODES)}")
   _require(cfg.token_dtype in ("uint16", "uint32"),
            f"--token-dtype must be uint16 or uint32, got {cfg.token_dtype!r}")
+  _require(cfg.state_rounding in STATE_ROUNDINGS, f"--state-rounding must be one of "
+           f"{', '.join(STATE_ROUNDINGS)}, got {cfg.state_rounding!r}")
+  _require(cfg.zclip_z_thresh > 0, f"--zclip-z-thresh must be > 0, got {cfg.zclip_z_thresh}")
+  _require(isinstance(cfg.skip_window, int) and cfg.skip_window >= 2,
+           f"--skip-window must be an integer >= 2, got {cfg.skip_window!r}")
+  _require(cfg.skip_sigma >= 0, f"--skip-sigma must be >= 0, got {cfg.skip_sigma}")
   if cfg.opt_state_dtype is not None:
     _require(cfg.opt_state_dtype in ("float32", "bfloat16", "float16"),
              f"--opt-state-dtype must be float32, bfloat16 or float16, got {cfg.opt_state_dtype!r}")
+  _require(cfg.quant in QUANTS, f"unknown --quant {cfg.quant!r}; valid: {', '.join(QUANTS)}")
+  _require(isinstance(cfg.quant_group_size, int) and cfg.quant_group_size >= 1,
+           f"--quant-group-size must be a positive integer, got {cfg.quant_group_size!r}")
   for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "checkpoint_every",
                "eval_every", "reset_interval", "bpe_vocab", "galore_rank", "galore_gap",
                "stable_reset_interval"):
@@ -240,9 +263,6 @@ def validate(cfg: Config) -> None:
   _require(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
   _require(0 < cfg.val_fraction < 1, f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
   _require(cfg.total_schedule_steps >= 1,
-  _require(cfg.quant in QUANTS, f"unknown --quant {cfg.quant!r}; valid: {', '.join(QUANTS)}")
-  _require(isinstance(cfg.quant_group_size, int) and cfg.quant_group_size >= 1,
-           f"--quant-group-size must be a positive integer, got {cfg.quant_group_size!r}")
            f"--schedule-steps must be a positive integer, got {cfg.schedule_steps}")
   _require(0 <= cfg.lr_warmup_steps <= cfg.total_schedule_steps,
            f"--warmup-steps ({cfg.lr_warmup_steps}) must be in [0, schedule steps "

@@ -10,7 +10,14 @@
 ``adafactor``      ``optax.adafactor`` without parameter scaling (the GaLore/SPAM baseline setup)
 ``galore``         ``optax.contrib.galore`` on the projection kernels (rank, gap, scale 0.25)
 ``scale``          ``spam_optax.scale``: column-normalised SGD, momentum 0.9 on ``lm_head`` only
+``adamw_clip_norm`` AdamW after global-norm clipping to 1.0 (MaxText's and Levanter's default)
+``adamw_zclip``    AdamW after ``spam_optax.zclip`` (ZClip, z-score clipping of the norm)
+``adamw_skip``     AdamW wrapped in ``spam_optax.skip_step_on_spikes`` (MaxText: window, σ)
+``spam_clip_norm`` SPAM after global-norm clipping to 1.0
 =================  ===========================================================================
+
+Moments narrower than float32 (``--opt-state-dtype bfloat16``) are stored with stochastic rounding
+by SPAM and Stable-SPAM unless ``--state-rounding nearest``.
 
 Every optimizer takes the same schedule: linear warmup from 0 over ``warmup_steps``, then cosine
 decay to ``min_lr_ratio`` (10%) of the peak at ``schedule_steps``.
@@ -85,18 +92,26 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
   def adam():
     return optax.adam(sched, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype)
 
-  if name == "spam":
+  def adamw():
+    return optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                       mu_dtype=mu_dtype)
+
+  if name in ("spam", "spam_clip_norm"):
     spam = _import_spam()
     kwargs: dict[str, Any] = dict(
         b1=cfg.b1, b2=cfg.b2, threshold=cfg.threshold, reset_interval=cfg.reset_interval,
         warmup_steps=cfg.reset_warmup, clip_delay=cfg.clip_delay, weight_decay=cfg.weight_decay,
-        mu_dtype=mu_dtype, nu_dtype=mu_dtype, restart_bias_correction=cfg.restart_bias_correction)
+        mu_dtype=mu_dtype, nu_dtype=mu_dtype, restart_bias_correction=cfg.restart_bias_correction,
+        rounding=cfg.state_rounding)
     if cfg.density < 1:
       kwargs.update(density=cfg.density, key=jax.random.key(cfg.seed), sparse_leaves=projection_mask)
     try:
-      return spam.spam(sched, **kwargs), sched
+      tx = spam.spam(sched, **kwargs)
     except ValueError as e:
       raise ConfigError(f"invalid SPAM settings: {e}") from e
+    if name == "spam_clip_norm":
+      tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+    return tx, sched
   if name == "stable_spam":
     spam = _import_spam()
     stable = getattr(spam, "stable_spam", None)
@@ -105,14 +120,27 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
     try:
       return stable(sched, b1=cfg.b1, b2=cfg.b2, gamma1=cfg.gamma1, gamma2=cfg.gamma2,
                     gamma3=cfg.gamma3, reset_interval=cfg.stable_reset_interval,
-                    total_steps=cfg.total_schedule_steps, weight_decay=cfg.weight_decay), sched
+                    total_steps=cfg.total_schedule_steps, weight_decay=cfg.weight_decay,
+                    mu_dtype=mu_dtype, nu_dtype=mu_dtype, rounding=cfg.state_rounding), sched
     except ValueError as e:
       raise ConfigError(f"invalid Stable-SPAM settings: {e}") from e
   if name == "adam":
     return adam(), sched
   if name == "adamw":
-    return optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                       mu_dtype=mu_dtype), sched
+    return adamw(), sched
+  if name == "adamw_clip_norm":
+    return optax.chain(optax.clip_by_global_norm(1.0), adamw()), sched
+  if name == "adamw_zclip":
+    try:
+      return optax.chain(_import_spam().zclip(z_thresh=cfg.zclip_z_thresh), adamw()), sched
+    except ValueError as e:
+      raise ConfigError(f"invalid ZClip settings: {e}") from e
+  if name == "adamw_skip":
+    try:
+      return _import_spam().skip_step_on_spikes(adamw(), window=cfg.skip_window,
+                                                sigma=cfg.skip_sigma), sched
+    except ValueError as e:
+      raise ConfigError(f"invalid step-skip settings: {e}") from e
   if name == "adam_clip_norm":
     return optax.chain(optax.clip_by_global_norm(1.0), adam()), sched
   if name == "adam_clip_value":
