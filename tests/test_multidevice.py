@@ -19,3 +19,7 @@ def run_on_8_devices(script: str) -> str:
 
 def test_spam_sharded_and_pmap_match_single_device():
   assert run_on_8_devices("spam_sharded.py").strip().endswith("OK")
+
+
+def test_bf16_stochastic_rounding_sharded_matches_single_device():
+  assert run_on_8_devices("rounding_sharded.py").strip().endswith("OK")
