@@ -51,6 +51,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
+from models import quant as quant_lib  # noqa: E402
 from benchmarks.common import tree_bytes  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train import optimizers  # noqa: E402
@@ -183,7 +184,8 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
     tx, schedule = optimizers.build_optimizer(cfg)
   spike_count = optimizers.spike_counter(cfg) if cfg.optimizer == "spam" else None
 
-  model = models.make_model(model_cfg, seed=cfg.seed)
+  model = quant_lib.quantize(models.make_model(model_cfg, seed=cfg.seed), cfg.quant,
+                             cfg.quant_group_size)  # --quant: a quantized graphdef, float params
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   opt_state = tx.init(params)

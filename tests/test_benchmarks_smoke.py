@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks import ablations, quality, spikes
+from benchmarks import ablations, quality, quant_quality, spikes
 
 
 def test_quality_smoke(tmp_path, capsys):
@@ -34,6 +34,19 @@ def test_ablations_smoke(tmp_path, capsys):
   ablations.main(["--smoke", "--json", str(tmp_path / "a.json")])
   out = capsys.readouterr().out
   assert "restarted at each reset" in out and "clip (unfused chain)" in out
+
+
+def test_quant_quality_smoke(tmp_path, capsys):
+  store = quant_quality.main(["--smoke", "--json", str(tmp_path / "qq.json")])
+  runs = store.runs()
+  assert {(r["row"], r["overrides"].get("quant")) for r in runs} == {
+      ("fp32/adam", None), ("int4/stable_spam", "int4")}
+  assert all(math.isfinite(r["val_loss"]) for r in runs)
+  stable = [r for r in runs if r["row"] == "int4/stable_spam"][0]["overrides"]
+  assert (stable["gamma1"], stable["gamma2"], stable["gamma3"]) == (0.7, 0.9, 0.999)
+  assert stable["stable_reset_interval"] == 500
+  out = capsys.readouterr().out
+  assert "| int4/stable_spam | int4 | stable_spam |" in out and "diverged runs" in out
 
 
 def test_nullify_zeroes_what_clip_clips():
