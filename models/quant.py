@@ -15,9 +15,10 @@ authors' ``QLinear`` / ``A8Linear`` (repository TianjinYellow/StableSPAM, ``util
 
 qwix applies it from outside the model: a ``qwix.QuantizationProvider`` whose rule matches the
 seven projection modules by path intercepts the ``jax.lax.dot_general`` calls made inside them and
-quantizes their operands with the functions below (qwix's own int4 path cannot express the zero-point
-activations' top-k outliers, runs its backward on unquantized residuals when grouped, and its int4
-matmul fails to compile on XLA:CPU for the 2-D matmuls of :class:`models.llama.Dense`).
+quantizes their operands with the functions below. qwix's own quantizers are not used: they cannot
+keep the activations' top-k outliers, their grouped backward uses the unquantized operands, they
+tell the weight from the activation by shape (ambiguous for the 2-D matmuls of
+:class:`models.llama.Dense`), and their int4 matmul fails to compile on XLA:CPU for those matmuls.
 
 Example:
   >>> import jax.numpy as jnp
