@@ -5,6 +5,10 @@ optimizer update, the metrics) on the same model and a fixed random batch. The t
 optimizers are interleaved, in a rotating order, so that drift of the machine (thermal, other load)
 hits every optimizer alike; the per-step time reported is the median over the blocks.
 
+Tokens/s and MFU (model FLOPs utilisation, see ``train/throughput.py``) come with every step time;
+MFU needs the device's peak, built in for common GPUs and TPUs, ``--peak-flops`` for others (on CPU
+it is left out unless given).
+
 It also times the optimizer update alone (``tx.update`` + ``apply_updates`` on gradient-shaped
 inputs), where the difference between optimizers is not diluted by the model.
 
@@ -16,7 +20,7 @@ Usage::
 
 Variants: ``adam``, ``adamw`` (weight decay 0, as every published run), ``spam`` (spam_optax.spam,
 the training script's spike counter off), ``spam+count`` (with the spike-count diagnostic of the
-training script on, its default), ``spam_d0.25`` (sparse momentum, density 0.25).
+training script on, its default), ``spam_d0.25`` (sparse momentum, density 0.25), ``stable_spam``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import optax  # noqa: E402
 
 from train import data as data_lib  # noqa: E402
 from train.config import Config  # noqa: E402
+from train import throughput  # noqa: E402
 from train.loop import build_training, make_mesh, model_config  # noqa: E402
 
 VARIANTS = {
@@ -47,6 +52,7 @@ VARIANTS = {
     "spam": dict(optimizer="spam", log_spikes=False),
     "spam+count": dict(optimizer="spam", log_spikes=True),
     "spam_d0.25": dict(optimizer="spam", density=0.25, log_spikes=False),
+    "stable_spam": dict(optimizer="stable_spam"),
 }
 
 
@@ -73,11 +79,13 @@ def bench_model(model: str, args) -> list[dict]:
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, args.vocab, size=(args.batch_size, args.seq_len + 1)).astype(np.int32)
   local = {"tokens": tokens, "weights": np.ones((args.batch_size, args.seq_len), np.float32)}
-  num_params = None
+  num_params = flops_per_token = None
+  peak = throughput.device_peak_flops(args.peak_flops)
   for name in args.variants:
     cfg = Config(model=model, batch_size=args.batch_size, seq_len=args.seq_len, steps=100_000,
                  dtype=args.dtype, progress=False, **VARIANTS[name])
     model_cfg = model_config(cfg, args.vocab)
+    flops_per_token = throughput.train_flops_per_token(model_cfg, args.seq_len)
     built = build_training(cfg, model_cfg, mesh)
     batch = data_lib.global_batch(local, built.batch_sharding, args.batch_size)
     holder = {"state": built.init()}
@@ -116,10 +124,13 @@ def bench_model(model: str, args) -> list[dict]:
   for name in args.variants:
     med = statistics.median(step_times[name])
     upd = statistics.median(update_times[name])
+    tokens_per_s = args.batch_size * args.seq_len / med
     rows.append({
         "model": model, "vocab": args.vocab, "params": num_params, "variant": name,
         "step_ms": 1e3 * med, "step_ms_min": 1e3 * min(step_times[name]),
-        "vs_adamw": med / base, "tokens_per_s": args.batch_size * args.seq_len / med,
+        "vs_adamw": med / base, "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "mfu": throughput.mfu(tokens_per_s, flops_per_token, peak, jax.device_count()),
         "update_ms": 1e3 * upd, "update_vs_adamw": upd / base_update,
     })
   return rows
@@ -137,6 +148,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
   parser.add_argument("--repeats", type=int, default=7, help="timed blocks per variant")
   parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--peak-flops", type=float, default=None,
+                      help="peak FLOP/s of one device for MFU (default: the built-in table)")
   parser.add_argument("--json", help="also write the rows to this file")
   args = parser.parse_args(argv)
   args.variants = [v for v in args.variants.split(",") if v]
@@ -152,12 +165,13 @@ def main(argv=None):
   rows = []
   for model in args.models.split(","):
     rows += bench_model(model, args)
-  print("| model | params | optimizer | step ms | vs AdamW | tokens/s | update ms | update vs "
-        "AdamW |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| model | params | optimizer | step ms | vs AdamW | tokens/s | MFU | update ms | update "
+        "vs AdamW |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
+    mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
     print(f"| {r['model']} (vocab {r['vocab']}) | {r['params'] / 1e6:.2f}M | {r['variant']} | "
-          f"{r['step_ms']:.1f} | {r['vs_adamw']:.3f}x | {r['tokens_per_s']:,.0f} | "
+          f"{r['step_ms']:.1f} | {r['vs_adamw']:.3f}x | {r['tokens_per_s']:,.0f} | {mfu} | "
           f"{r['update_ms']:.2f} | {r['update_vs_adamw']:.2f}x |")
   if args.json:
     Path(args.json).write_text(json.dumps({"device": str(device), "rows": rows}, indent=1))
