@@ -191,7 +191,7 @@ def test_only_the_seven_projection_kinds_of_the_model_are_quantized(precision):
   assert suffixes == {"attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
                       "mlp/up_proj", "mlp/down_proj"}, provider.quantized_paths
   assert all(p.startswith("layers/") for p in provider.quantized_paths)
-  # Bounded, measured: relative logit error at initialisation (fp32: int4 0.23, fp4 0.36).
+  # Bounded, measured: relative logit error at initialisation (int4: fp32 0.22, bf16 0.22).
   ref = logits(model, tokens)
   rel = float(jnp.linalg.norm(quantized - ref) / jnp.linalg.norm(ref))
   assert 0.1 < rel < 0.35, rel
@@ -203,6 +203,17 @@ def test_only_the_seven_projection_kinds_of_the_model_are_quantized(precision):
                                                for k in path) else v, params)
   nnx.update(model, zeroed)
   np.testing.assert_array_equal(logits(Q.quantize(model, "int4"), tokens), logits(model, tokens))
+
+
+def test_float_and_quantized_traces_of_the_same_shapes_do_not_mix():
+  """qwix patches dot_general while tracing; jnp.dot's own jit cache must not carry traces across."""
+  model = models.make_model(TINY)
+  tokens = jax.random.randint(jax.random.key(2), (2, 24), 0, 256)
+  float_first = logits(model, tokens)
+  quantized = logits(Q.quantize(model, "fp4"), tokens)
+  float_again = logits(model, tokens)
+  assert float(jnp.abs(quantized - float_first).max()) > 1e-3
+  np.testing.assert_array_equal(float_again, float_first)
 
 
 def test_model_gradients_are_finite_and_close_to_the_float_ones():
@@ -223,7 +234,7 @@ def test_model_gradients_are_finite_and_close_to_the_float_ones():
     for g, r in zip(got, ref):
       assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
       cos = float(jnp.vdot(g, r) / (jnp.linalg.norm(g) * jnp.linalg.norm(r)))
-      assert cos > 0.8, (quant, g.shape, cos)
+      assert cos > 0.75, (quant, g.shape, cos)  # measured minimum: int4 0.93, fp4 0.81
 
 
 # ----------------------------------------------------------------------------- training script
