@@ -74,6 +74,14 @@ def test_init_from_own_checkpoint_takes_weights_and_shape_not_optimizer_state(tm
                         "--workdir", str(tmp_path / "b")])
   assert second.num_params == first.num_params and second.start_step == 0
   assert second.val_loss == pytest.approx(first.val_loss, rel=1e-6)
+  # Rerunning the finished run with --export-hf trains nothing and exports; starting from the export
+  # (lr 0 at step 0 again) gives the same validation loss.
+  exported = main(FAST + ["--model", "tiny", "--steps", "2", "--workdir", str(tmp_path / "a"),
+                          "--export-hf", str(tmp_path / "a_hf")])
+  assert (exported.start_step, exported.final_step, exported.losses) == (2, 2, {})
+  from_hf = main(FAST + ["--init-from", str(tmp_path / "a_hf"), "--steps", "1", "--schedule-steps",
+                         "4", "--warmup-steps", "2", "--workdir", str(tmp_path / "d")])
+  assert from_hf.val_loss == pytest.approx(first.val_loss, rel=1e-6)
   third = main(FAST + ["--init-from", str(tmp_path / "a" / "checkpoints" / "2"), "--steps", "1",
                        "--schedule-steps", "4", "--warmup-steps", "2",
                        "--workdir", str(tmp_path / "c")])
