@@ -99,6 +99,39 @@ def table(store: q.Store, args) -> str:
   return "\n".join(out)
 
 
+def plot(store: q.Store, args, path: Path) -> Path | None:
+  """Final validation loss against the LR, one line per row (seed 0); diverged runs as x on top."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=72)
+  styles = {"fp32": "-", "int4": "--", "fp4": ":"}
+  colors = {"adam": "tab:blue", "spam": "tab:orange", "stable_spam": "tab:green"}
+  finite = [r["val_loss"] for row in args.rows for r in row_runs(store, args, row)
+            if not diverged(r)]
+  if not finite:
+    plt.close(fig)
+    return None
+  top = min(max(finite), min(finite) + 1.5) + 0.1
+  for row in args.rows:
+    quant, _, name = row.partition("/")
+    grid = sorted((r for r in row_runs(store, args, row) if r["seed"] == 0), key=lambda r: r["lr"])
+    ok = [r for r in grid if not diverged(r)]
+    ax.plot([r["lr"] for r in ok], [min(r["val_loss"], top) for r in ok], styles[quant],
+            color=colors[name], marker="o", ms=4, label=row)
+    bad = [r["lr"] for r in grid if diverged(r)]
+    ax.plot(bad, [top] * len(bad), "x", color=colors[name], ms=9)
+  ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss (seed 0)",
+         title=f"{args.model}, {args.steps} steps: 4-bit fake quantization (x: diverged)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=3)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
 def main(argv=None) -> q.Store:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   q.runner_args(parser, steps=1000)
@@ -126,6 +159,10 @@ def main(argv=None) -> q.Store:
   print(f"# {args.model}, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, "
         f"groups of {args.group_size}; diverged: NaN or final val loss above the initial loss")
   print(table(store, args))
+  if not args.no_plot and not args.smoke:
+    png = plot(store, args, q.DOCS / f"quant_quality_{args.model}.png")
+    if png:
+      print(f"wrote {png}")
   print(f"results: {path}")
   return store
 
