@@ -180,9 +180,9 @@ def logits(model, tokens):
   return jax.jit(lambda p, t: nnx.merge(gd, p)(t).astype(jnp.float32))(params, tokens)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_only_the_seven_projection_kinds_of_the_model_are_quantized(precision):
-  cfg = TINY.with_precision(precision)
+@pytest.mark.parametrize("precision, scan", [("fp32", True), ("bf16", False)])
+def test_only_the_seven_projection_kinds_of_the_model_are_quantized(precision, scan):
+  cfg = TINY.with_precision(precision).replace(scan_layers=scan)
   model = models.make_model(cfg)
   provider = Q.make_provider("int4", 256)
   tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 256)
@@ -190,7 +190,10 @@ def test_only_the_seven_projection_kinds_of_the_model_are_quantized(precision):
   suffixes = {p.split("/", 2)[-1] for p in provider.quantized_paths}
   assert suffixes == {"attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
                       "mlp/up_proj", "mlp/down_proj"}, provider.quantized_paths
+  # Under the scan every layer runs layer 0's module (its path); in the loop each its own.
+  layers = {p.split("/")[1] for p in provider.quantized_paths}
   assert all(p.startswith("layers/") for p in provider.quantized_paths)
+  assert layers == ({"0"} if scan else {"0", "1"})
   # Bounded, measured: relative logit error at initialisation (int4: fp32 0.22, bf16 0.22).
   ref = logits(model, tokens)
   rel = float(jnp.linalg.norm(quantized - ref) / jnp.linalg.norm(ref))
