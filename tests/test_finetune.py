@@ -97,12 +97,15 @@ def test_init_from_errors_are_clear(tmp_path, tokens_96):
     main(FAST + ["--init-from", str(FIXTURES / "hf_llama_mha"), "--workdir", str(tmp_path / "w")])
 
 
-def test_tokens_per_s_in_metrics_and_mfu_only_with_a_peak(tmp_path):
+def test_tokens_per_s_in_metrics_and_mfu_only_with_a_peak(tmp_path, capsys):
   plain = main(FAST + ["--steps", "2", "--workdir", str(tmp_path / "a")])
   records = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
   assert all(r["tokens_per_s"] > 0 for r in records)
   assert plain.mfu is None and not any("mfu" in r for r in records)  # CPU: no built-in peak
-  peaked = main(FAST + ["--steps", "2", "--peak-flops", "1e9", "--workdir", str(tmp_path / "b")])
+  capsys.readouterr()
+  peaked = main(FAST + ["--steps", "2", "--peak-flops", "1e9", "--progress", "true",
+                        "--workdir", str(tmp_path / "b")])
+  assert "mfu=" in capsys.readouterr().err  # the progress bar
   records = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
   cfg = models.get_config("tiny").replace(vocab_size=256)
   per_token = throughput.train_flops_per_token(cfg, 16)
