@@ -9,7 +9,7 @@
 #   2. optimizer update alone on 60m-shaped parameters: optax.adamw vs SPAM      -> update.md
 #   3. train step, 60m and 130m, bf16, vocab 32000, batch 64 x 256: adamw, spam, spam d=0.25,
 #      stable_spam, with tokens/s and MFU                              -> train_step.md/.json
-#   4. 60m SPAM vs AdamW, bf16, the embedded Shakespeare corpus (byte level), each about 70 s of
+#   4. 60m SPAM vs AdamW, bf16, the embedded Shakespeare corpus (byte level), each about 60 s of
 #      training (steps sized from stage 3's step time)                          -> run_*.jsonl
 # All output lands in OUT_DIR (default: $OUT when set, else ./device_check_out) as at most 8 files
 # and no subfolders, so the device tool brings it all back; summary.md has the figures.
@@ -59,8 +59,8 @@ else
   VARIANTS=adamw,spam,spam_d0.25,stable_spam
   MODEL=60m
   RUN_ARGS=(--batch-size 64 --seq-len 256 --eval-batches 16)
-  RUN_SECONDS=70; MIN_STEPS=100; MAX_STEPS=20000
-  LIMITS=(env=30 update=60 bench=200 run=100)
+  RUN_SECONDS=60; MIN_STEPS=100; MAX_STEPS=20000
+  LIMITS=(env=30 update=60 bench=180 run=100)
 fi
 limit() { local kv; for kv in "${LIMITS[@]}"; do [[ ${kv%%=*} == "$1" ]] && echo "${kv#*=}"; done; }
 
