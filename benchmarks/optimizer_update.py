@@ -26,6 +26,12 @@ def optimizers():
       "spam dense": spam.spam(1e-3),
       "spam d=0.25": spam.spam(1e-3, density=0.25, key=jax.random.key(0)),
       "spam d=0.1": spam.spam(1e-3, density=0.1, key=jax.random.key(0)),
+      # bf16 moments (4 bytes/param): stochastic rounding (default) and round-to-nearest
+      "spam bf16 stochastic": spam.spam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+      "spam bf16 nearest": spam.spam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16,
+                                     rounding="nearest"),
+      "spam d=0.25 bf16 stochastic": spam.spam(1e-3, density=0.25, key=jax.random.key(0),
+                                               mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
   }
 
 

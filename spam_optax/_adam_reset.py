@@ -161,8 +161,9 @@ def scale_by_adam_with_reset(
           g, v_old, clip_threshold, active)
       u = scale * m_new / (jnp.sqrt(v_new) + eps)
       # Round once when storing (a plain cast for float32 state; see the docstring).
-      m_new = _rounding.store(m_new, m.dtype, rounding, state.count, index, _rounding.STREAM_MU)
-      v_new = _rounding.store(v_new, v.dtype, rounding, state.count, index, _rounding.STREAM_NU)
+      rounder = _rounding.LeafRounder(rounding, state.count, index)
+      m_new = rounder.store(m_new, m.dtype, _rounding.STREAM_MU)
+      v_new = rounder.store(v_new, v.dtype, _rounding.STREAM_NU)
       return u.astype(out_dtype), m_new, v_new
 
     u, mu, nu = _tree.map_multi(leaf, updates, state.mu, state.nu, _tree.leaf_indices(updates),

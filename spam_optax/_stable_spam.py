@@ -194,8 +194,9 @@ def scale_by_stable_spam_adam(
       bc1 = 1 - _steps.power(b1c, s, dt)
       bc2 = 1 - _steps.power(b2, s, dt)
       u = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
-      m = _rounding.store(m, mu.dtype, rounding, state.count, index, _rounding.STREAM_MU)
-      v = _rounding.store(v, nu.dtype, rounding, state.count, index, _rounding.STREAM_NU)
+      rounder = _rounding.LeafRounder(rounding, state.count, index)
+      m = rounder.store(m, mu.dtype, _rounding.STREAM_MU)
+      v = rounder.store(v, nu.dtype, _rounding.STREAM_NU)
       return u.astype(g.dtype), m, v
 
     new_updates, new_mu, new_nu = _tree.map_multi(

@@ -54,7 +54,7 @@ for tx in (spam.spam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, reset_i
 # The bits: a sharded draw equals the unsharded one exactly, and needs no communication.
 from spam_optax import _rounding  # noqa: E402
 
-draw = lambda c: _rounding.random_bits((64, 32), c, 3, _rounding.STREAM_NU)
+draw = lambda c: _rounding.random_bits((64, 32), c, 3)
 plain = jax.jit(draw)(jnp.int32(11))
 sharded_draw = jax.jit(draw, out_shardings=shard["w"])
 np.testing.assert_array_equal(np.asarray(sharded_draw(jnp.int32(11))), np.asarray(plain))
