@@ -40,7 +40,7 @@ from flax import nnx
 QUANTS = ("none", "int4", "fp4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROJECTION_PATH = rf"(.*/)?({'|'.join(PROJECTIONS)})"  # a qwix module_path regex (full match)
-TOPK = 2  # the authors keep the 2 largest |x| of each activation group in high precision
+TOPK = 2  # the authors keep the 2 largest |x| of each group (INT4 activations, FP4) unquantized
 
 
 # ----------------------------------------------------------------------------- groups
@@ -132,11 +132,13 @@ fake_quant.defvjp(lambda x, fn, axis, size: (fake_quant(x, fn, axis, size), None
 # ----------------------------------------------------------------------------- qwix
 
 
-def _module_param_shapes() -> list[tuple[int, ...]]:
-  from qwix._src.utils import flax_util  # qwix's frame walk to the nnx module being called
+def _current_module() -> tuple[str, list[tuple[int, ...]]]:
+  """Path and parameter shapes of the nnx module being called (qwix's frame walk finds it)."""
+  from qwix._src.utils import flax_util
 
   module = flax_util.get_current_module()
-  return [tuple(v.shape) for v in vars(module).values() if isinstance(v, nnx.Param)]
+  shapes = [tuple(v.shape) for v in vars(module).values() if isinstance(v, nnx.Param)]
+  return "/".join(map(str, flax_util.get_current_module_path())), shapes
 
 
 def make_provider(quant: str, group_size: int = 256):
@@ -173,7 +175,7 @@ def make_provider(quant: str, group_size: int = 256):
         raise ValueError(f"--quant expects x @ kernel in a projection, got a dot_general with "
                          f"dimension numbers {dimension_numbers}")
       # The weight is the operand shaped like the module's parameter (x @ kernel: the right one).
-      shapes = _module_param_shapes()
+      path, shapes = _current_module()
       if tuple(rhs.shape) in shapes:
         weight_is_rhs = True
       elif tuple(lhs.shape) in shapes:
@@ -181,8 +183,7 @@ def make_provider(quant: str, group_size: int = 256):
       else:
         raise ValueError(f"--quant: neither operand {lhs.shape} / {rhs.shape} of a projection's "
                          f"matmul is one of its parameters {shapes}")
-      from qwix._src.utils import flax_util
-      self.quantized_paths.add("/".join(map(str, flax_util.get_current_module_path())))
+      self.quantized_paths.add(path)
       lhs_fn, rhs_fn = (act_fn, weight_fn) if weight_is_rhs else (weight_fn, act_fn)
       return (fake_quant(lhs, lhs_fn, lhs_c[0], self.group_size),
               fake_quant(rhs, rhs_fn, rhs_c[0], self.group_size))
