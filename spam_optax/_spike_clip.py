@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _schedules, _tree, _validate
+from spam_optax import _rounding, _schedules, _tree, _validate
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -58,6 +58,7 @@ def spike_clip(
     clip_delay: int = 20,
     nu_dtype=None,
     nullify: bool = False,
+    rounding: str = "stochastic",
 ) -> optax.GradientTransformation:
   r"""Clips gradient spikes element-wise against a running second moment, as SPAM does.
 
@@ -85,6 +86,9 @@ def spike_clip(
     clip_delay: no clipping while ``k < clip_delay`` or ``k % ΔT < clip_delay``.
     nu_dtype: dtype of ``v``; defaults to the dtype of the gradient.
     nullify: zero spiked entries instead of clipping them (the paper's clip-vs-nullify ablation).
+    rounding: how ``v`` is stored in a dtype narrower than float32: ``"stochastic"`` (default,
+      unbiased, with the same random bits as `scale_by_adam_with_reset`'s ``v``, so the two still
+      agree in a chain) or ``"nearest"``. No effect on float32 state.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -96,6 +100,7 @@ def spike_clip(
   _validate.check_beta("b2", b2)
   _validate.check_int("reset_interval", reset_interval, 1)
   _validate.check_int("clip_delay", clip_delay, 0)
+  _rounding.check_rounding(rounding)
 
   def init_fn(params):
     nu = optax.tree.zeros_like(params, dtype=nu_dtype)
@@ -107,14 +112,16 @@ def spike_clip(
     reset = _schedules.is_reset_update(k, reset_interval)
     active = _schedules.clipping_active(k, reset_interval, clip_delay)
 
-    def leaf(g, v):
+    def leaf(g, v, index):
       dt = compute_dtype(g.dtype)
       v_old = jnp.where(reset, 0, v.astype(dt))
       clipped = clip_spikes(g.astype(dt), v_old, threshold, active, nullify)
       v_new = b2 * v_old + (1 - b2) * clipped * clipped
-      return clipped.astype(g.dtype), v_new.astype(v.dtype)
+      v_new = _rounding.LeafRounder(rounding, state.count, index).store(
+          v_new, v.dtype, _rounding.STREAM_NU)
+      return clipped.astype(g.dtype), v_new
 
-    clipped, nu = _tree.map_multi(leaf, updates, state.nu, n_out=2)
+    clipped, nu = _tree.map_multi(leaf, updates, state.nu, _tree.leaf_indices(updates), n_out=2)
     return clipped, SpikeClipState(count=optax.safe_increment(state.count), nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -196,3 +196,19 @@ def test_bad_rounding_is_a_clear_error():
       factory(1e-3, rounding="up")
   with pytest.raises(ValueError, match="rounding"):
     spam.scale_by_adam_with_reset(rounding="truncate")
+
+
+def test_bf16_chain_of_spike_clip_and_adam_equals_the_fused_alias():
+  """spike_clip's v and Adam's v draw the same bits, so the documented chain still equals spam."""
+  kw = dict(reset_interval=6, clip_delay=2)
+  chain = optax.chain(
+      spam.spike_clip(5.0, nu_dtype=jnp.bfloat16, **kw),
+      spam.scale_by_adam_with_reset(reset_interval=6, **BF16),
+      optax.scale_by_schedule(spam.reset_warmup_schedule(6, 2)),
+      optax.scale_by_learning_rate(1e-2))
+  alias = spam.spam(1e-2, threshold=5.0, warmup_steps=2, **kw, **BF16)
+  params = {"w": jnp.linspace(-1, 1, 64).reshape(8, 8), "b": jnp.ones(5)}
+  pc, sc = _run(chain, params, 14)
+  pa, sa = _run(alias, params, 14)
+  chex.assert_trees_all_close(pc, pa, rtol=1e-6)
+  chex.assert_trees_all_equal(sc[0].nu, _adam_state(sa).nu)
