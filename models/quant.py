@@ -12,6 +12,7 @@ authors' ``QLinear`` / ``A8Linear`` (repository TianjinYellow/StableSPAM, ``util
   (levels -8..7, scale max|x| / 7) with the 2 largest |x| of each group kept unquantized.
 * ``fp4``: the authors' "E1M2" code, weights and activations, top-2 kept. As written it rounds to
   multiples of a quarter of the group's max |x| (9 levels); docs/QUANTIZATION.md shows why.
+* ``fp4_e2m1`` (not in the paper): the standard FP4 (E2M1) with an abs-max scale per group.
 
 qwix applies it from outside the model: a ``qwix.QuantizationProvider`` whose rule matches the
 seven projection modules by path intercepts the ``jax.lax.dot_general`` calls made inside them and
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-QUANTS = ("none", "int4", "fp4")
+QUANTS = ("none", "int4", "fp4", "fp4_e2m1")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROJECTION_PATH = rf"(.*/)?({'|'.join(PROJECTIONS)})"  # a qwix module_path regex (full match)
 TOPK = 2  # the authors keep the 2 largest |x| of each group (INT4 activations, FP4) unquantized
@@ -113,9 +114,21 @@ def fp4_groups(g: jax.Array, topk: int = TOPK, e: int = 1, m: int = 2, b: int = 
   return jnp.where(keep, g, step * jnp.round(clamped / step + 1e-12))
 
 
+def e2m1_groups(g: jax.Array) -> jax.Array:
+  """OCP FP4 (E2M1: 0, .5, 1, 1.5, 2, 3, 4, 6) with an abs-max scale per group (last axis).
+
+  Not the authors' format: the standard 4-bit float of MXFP4/NVFP4 hardware (without their
+  power-of-two / FP8 scales), round to nearest even, no outliers kept.
+  """
+  scale = jnp.maximum(jnp.max(jnp.abs(g), -1, keepdims=True), 1e-30) / 6.0
+  q = jnp.clip(g / scale, -6.0, 6.0).astype(jnp.float4_e2m1fn).astype(jnp.float32)
+  return q * scale
+
+
 SCHEMES = {  # quant -> (weight quantizer, activation quantizer), on groups along the last axis
     "int4": (int4_weight_groups, int4_act_groups),
     "fp4": (fp4_groups, fp4_groups),
+    "fp4_e2m1": (e2m1_groups, e2m1_groups),
 }
 
 

@@ -116,6 +116,14 @@ def test_authors_fp4_is_a_nine_level_grid():
   assert set(np.unique(np.round(levels * 4))) == set(range(-4, 5))
 
 
+def test_e2m1_is_the_ocp_fp4_grid_scaled_to_the_group_max():
+  x = heavy_tailed((32, 256), seed=6)
+  out = np.asarray(Q.e2m1_groups(jnp.asarray(x)))
+  scale = np.abs(x).max(-1, keepdims=True) / 6
+  assert set(np.unique(np.round(np.abs(out / scale), 5))) <= {0, 0.5, 1, 1.5, 2, 3, 4, 6}
+  np.testing.assert_allclose(np.abs(out).max(-1), np.abs(x).max(-1), rtol=1e-6)  # max exact
+
+
 def test_group_tile_divides_the_dimension():
   assert [Q.group_tile(d, 256) for d in (128, 256, 352, 512, 1376, 5461)] == [
       128, 256, 176, 256, 172, 127]
@@ -136,7 +144,7 @@ class OneProjection(nnx.Module):
     return getattr(self, self.name)(x)
 
 
-@pytest.mark.parametrize("quant", ["int4", "fp4"])
+@pytest.mark.parametrize("quant", ["int4", "fp4", "fp4_e2m1"])
 def test_a_projection_computes_dequantized_operands_and_passes_gradients_straight_through(quant):
   model = OneProjection(512, 96)
   qmodel = Q.quantize(model, quant, 256)
