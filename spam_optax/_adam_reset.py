@@ -28,7 +28,8 @@ def _zero_after(x: jax.Array, dtype) -> jax.Array:
   """
   if x.size == 0:
     return jnp.zeros([], dtype)
-  bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+  # x[0, ..., 0], not x.reshape(-1)[0]: a reshape of a sharded x would all-gather it.
+  bits = jax.lax.bitcast_convert_type(x[(0,) * x.ndim].astype(jnp.float32), jnp.uint32)
   return ((bits >> 31) >> 1).astype(dtype)
 
 

@@ -1,27 +1,45 @@
 """Sparse momentum (SPEC §2): run an inner transform on a keyed random subset of each leaf.
 
-How the subset is drawn (no full-size mask or index array is ever stored):
+The layout, chosen so that sparse state shards like its parameter:
 
-* A selected leaf of ``n`` entries keeps ``n_sel = max(1, round(d n))`` of them. Its flat indices
-  are cut into ``n_sel`` consecutive strata (with ``q, r = divmod(n, n_sel)``: ``r`` strata of
-  ``q + 1`` entries, then ``n_sel - r`` of ``q``) and one entry is drawn uniformly inside each.
-  When ``r > 0`` the strata start at a random ``shift`` (cyclically), so that every entry, not just
-  on average, has the same probability ``n_sel / n``; with equal strata no shift is needed.
-* Two 32-bit seeds (the draw seed and ``shift``) come from
-  ``jax.random.fold_in(fold_in(key, leaf_index), reset_index)``; the draw inside stratum ``i`` is a
-  counter-based hash (murmur3's 32-bit finaliser) of ``i`` and the seed. So the subset is a pure
-  function of (key, leaf, reset index): identical on every device and host and after a restore,
-  different for different keys, re-drawn at every reset, and never stored.
-* The draw is stratified, not independent as in the authors' code: exactly one entry per stratum, so
-  every region of the tensor gets its share, and the size is exact (``n_sel``) at every re-draw.
-* Nothing is scattered. The subset's gradients are gathered at indices that are sorted (up to one
-  wrap-around when shifted), and the full-size update is rebuilt entry by entry (which stratum is
-  this entry in, is it the chosen one), which XLA fuses into the parameter update: the sparse step
-  reads the full parameters once and the moments only for the subset.
+* A sparse leaf of shape ``(..., L)`` keeps ``k = max(1, round(d L))`` entries of every row (every
+  index of the leading axes) along its last axis. Its compact state has shape ``(..., k)``: the
+  same rank and leading dimensions, so **the parameter's own ``PartitionSpec`` applies unchanged**
+  whenever the sharded dimensions divide (a ``(d_in, d_out)`` kernel at d = 0.25 has moments of
+  shape ``(d_in, d_out / 4)``). Code that shards optimizer state like its parameters (path-matching
+  rules, ``nnx.Optimizer`` metadata) shards sparse SPAM without knowing about it.
+* Each row is cut into ``k`` strata and one entry is drawn inside each, so the subset has exactly
+  ``rows x k`` entries and every entry has probability exactly ``k / L``. With ``g = gcd(k, L)``
+  the last axis is ``g`` blocks of ``m = L / g`` entries holding ``c = k / g`` strata each; with
+  ``q, r = divmod(m, c)`` a block is ``c`` main strata of ``q`` consecutive entries followed by
+  ``r < c`` tail entries. When ``k`` divides ``L`` (c = 1, r = 0) every block is one stratum of
+  ``L / k`` entries and the draw is uniform inside it. Otherwise tail entry ``t`` of a block joins
+  stratum ``(t + pairing) % c`` (``pairing`` uniform in ``[0, c)``, so a stratum has a tail entry
+  with probability ``r / c``), and a stratum with a tail entry takes it with probability
+  ``c / m`` and else a uniform main entry: every entry, main or tail, then has probability
+  ``c / m = k / L``.
+* Everything happens inside a block, and a block inside a shard (a mesh axis of size T that
+  divides both ``k`` and ``L`` divides ``g``). Selection is ``iota == offset`` on the
+  ``(..., strata, q)`` view and the expansion back is the same select broadcast over that view;
+  the tail (``r / m`` of the entries) moves by a roll of a compact-sized array inside its block.
+  No gather or scatter with computed indices, nothing XLA's SPMD partitioner must move between
+  devices, and the expansion fuses into the parameter update.
+* The draw is a pure function of (key, leaf, reset index): three 32-bit seeds (the main draw, the
+  tail draw and ``pairing``) come from ``jax.random.fold_in(fold_in(key, leaf_index),
+  reset_index)``, and the draws of stratum ``i`` (its flat index in the compact state) are a
+  counter-based hash (murmur3's 32-bit finaliser) of ``i`` and a seed. So subsets are identical
+  on every device, host and mesh and after a restore, differ between keys, are re-drawn at every
+  reset and are never stored.
+* Leaves that do not fit: a last dimension with ``d L < 1/2`` keeps one entry per row (density
+  ``1 / L > d``); a vector is a single row; scalars and empty leaves stay dense.
+
+The draw is stratified, not independent as in the authors' code: exactly one entry per stratum,
+so every region of the tensor gets its share and the size is exact at every re-draw.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import chex
@@ -41,9 +59,14 @@ class SparseMaskState(NamedTuple):
   inner_state: optax.OptState
 
 
-def subset_size(n: int, density: float) -> int:
-  """The number of entries of an n-entry leaf that carry state at density d."""
-  return max(1, int(round(density * n)))
+def row_size(last_dim: int, density: float) -> int:
+  """k: the entries kept per row of a leaf whose last dimension is `last_dim`, at density d."""
+  return max(1, int(round(density * last_dim)))
+
+
+def is_sparse(shape, selected: bool) -> bool:
+  """Whether a selected leaf of this shape gets a compact layout (scalars, empty leaves do not)."""
+  return bool(selected) and len(shape) >= 1 and math.prod(shape) > 0
 
 
 def _hash32(x: jax.Array, seed: jax.Array) -> jax.Array:
@@ -61,71 +84,119 @@ def _unit(bits: jax.Array) -> jax.Array:
   return (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
-class Strata(NamedTuple):
-  """The subset of one n-entry leaf for one reset index: static sizes and two traced seeds."""
+def _flat_index(shape) -> jax.Array:
+  """uint32 row-major flat index of every position of `shape`, from per-axis iotas (an iota per
+  axis partitions on any sharding; a reshaped 1-D arange would not)."""
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  return index
 
-  n: int
-  n_sel: int
-  seed: jax.Array  # uint32, seeds the draw inside each stratum
-  shift: jax.Array  # int32 in [0, n), rotates the strata over the flat indices
+
+_UNROLL = 16  # strata of up to this many entries select with a chain of selects (d >= ~1/16)
+
+
+def _select(view: jax.Array, offsets: jax.Array) -> jax.Array:
+  """view[..., offsets] along the last axis (0 where offsets is out of range), without a gather.
+
+  A chain of selects over the short last axis is elementwise, so XLA fuses it into the moment
+  updates; a masked sum is the fallback for long strata (very low densities).
+  """
+  zero = jnp.zeros([], view.dtype)
+  if view.shape[-1] <= _UNROLL:
+    out = jnp.broadcast_to(zero, offsets.shape)
+    for o in range(view.shape[-1]):
+      out = jnp.where(offsets == o, view[..., o], out)
+    return out
+  iota = jax.lax.broadcasted_iota(jnp.int32, view.shape, view.ndim - 1)
+  return jnp.sum(jnp.where(iota == offsets[..., None], view, zero), axis=-1)
+
+
+def _place(compact: jax.Array, offsets: jax.Array, size: int) -> jax.Array:
+  """The (..., size) array holding compact at offsets along the last axis, exactly 0 elsewhere."""
+  shape = compact.shape + (size,)
+  iota = jax.lax.broadcasted_iota(offsets.dtype, shape, len(shape) - 1)
+  return jnp.where(iota == offsets[..., None], compact[..., None], jnp.zeros([], compact.dtype))
+
+
+def _small_int(bound: int):
+  """The narrowest signed integer dtype holding 0..bound."""
+  return next(t for t in (jnp.int8, jnp.int16, jnp.int32) if bound <= jnp.iinfo(t).max)
+
+
+class Strata(NamedTuple):
+  """The subset of one leaf for one reset index: its static layout and its drawn offsets."""
+
+  shape: tuple[int, ...]  # the leaf's
+  k: int  # entries kept per row
+  offsets: jax.Array  # (..., k): the chosen entry inside each stratum; q means its tail entry
+  pairing: jax.Array  # int32 in [0, c): tail entry t of a block belongs to stratum (t + pairing) % c
+
+  @staticmethod
+  def blocks(shape, k: int) -> tuple[int, int, int, int]:
+    """(g, c, q, r): every row is g blocks of c strata; a block is c main strata of q entries
+    followed by r < c tail entries."""
+    g = math.gcd(k, shape[-1])
+    c = k // g
+    q, r = divmod(shape[-1] // g, c)
+    return g, c, q, r
 
   @classmethod
-  def draw(cls, key: jax.Array, n: int, n_sel: int) -> "Strata":
-    if n >= 1 << 30:
-      raise ValueError(f"sparse leaves must have fewer than 2**30 entries, got {n}")
-    seed, shift_bits = jax.random.bits(key, (2,), jnp.uint32)
-    return cls(n, n_sel, seed, (shift_bits % jnp.uint32(n)).astype(jnp.int32))
-
-  def offsets(self, i: jax.Array) -> jax.Array:
-    """The position of stratum i's chosen entry inside the stratum."""
-    q, r = divmod(self.n, self.n_sel)  # the first r strata hold q + 1 entries
-    size = q + (i < r).astype(jnp.int32)
-    offset = jnp.floor(_unit(_hash32(i, self.seed)) * size.astype(jnp.float32)).astype(jnp.int32)
-    return jnp.minimum(offset, size - 1)
-
-  def indices(self) -> jax.Array:
-    """The n_sel flat indices of the subset, in stratum order (sorted up to one wrap-around)."""
-    q, r = divmod(self.n, self.n_sel)
-    i = jnp.arange(self.n_sel, dtype=jnp.int32)
-    shifted = i * q + jnp.minimum(i, r) + self.offsets(i)
-    if not r:
-      return shifted
-    return jnp.where(shifted >= self.shift, shifted - self.shift, shifted - self.shift + self.n)
-
-  def expand(self, compact: jax.Array, shape) -> jax.Array:
-    """The full-size array holding `compact` on the subset and exactly 0 elsewhere.
-
-    Written entry by entry (no scatter) so that XLA fuses it into the parameter update.
-    """
-    q, r = divmod(self.n, self.n_sel)
-    zero = jnp.zeros([], compact.dtype)
-    if not r and q & (q - 1) == 0:
-      # Equal strata of a power-of-two size: view the leaf as (n_sel, q); the index arithmetic
-      # of that reshape is shifts and masks, the cheapest form on every backend.
-      col = jax.lax.broadcasted_iota(jnp.int32, (self.n_sel, q), 1)
-      offsets = self.offsets(jnp.arange(self.n_sel, dtype=jnp.int32))
-      return jnp.where(col == offsets[:, None], compact[:, None], zero).reshape(shape)
-    j = jnp.arange(self.n, dtype=jnp.int32).reshape(shape)
+  def draw(cls, key: jax.Array, shape, k: int) -> "Strata":
+    shape = tuple(shape)
+    if not 1 <= k <= shape[-1]:
+      raise ValueError(f"k must be in [1, {shape[-1]}], got {k}")
+    compact = shape[:-1] + (k,)
+    if math.prod(compact) >= 1 << 31:
+      raise ValueError(f"a sparse leaf's compact state must have fewer than 2**31 entries: {shape}")
+    g, c, q, r = cls.blocks(shape, k)
+    seed_main, seed_tail, pairing_bits = jax.random.bits(key, (3,), jnp.uint32)
+    index = _flat_index(compact)
+    offsets = jnp.floor(_unit(_hash32(index, seed_main)) * q).astype(jnp.int32)
+    offsets = jnp.minimum(offsets, q - 1)
+    pairing = (pairing_bits % jnp.uint32(c)).astype(jnp.int32)
     if r:
-      j = j + self.shift  # shifted coordinate of each entry
-      j = jnp.where(j >= self.n, j - self.n, j)
-    big = r * (q + 1)  # the first r strata hold q + 1 entries
-    i = _floordiv(j, q) if not r else jnp.where(j < big, _floordiv(j, q + 1), r + _floordiv(j - big, q))
-    start = i * q + jnp.minimum(i, r)
-    chosen = j - start == self.offsets(i)
-    return jnp.where(chosen, compact.at[i].get(mode="promise_in_bounds"), zero)
+      # Stratum j is paired with a tail entry when (j - pairing) % c < r (probability r / c); it
+      # then takes that entry with probability c / m, which gives every entry probability c / m.
+      j = jax.lax.broadcasted_iota(jnp.int32, shape[:-1] + (g, c), len(shape)).reshape(compact)
+      paired = jnp.where(j >= pairing, j - pairing, j - pairing + c) < r
+      take_tail = paired & (_unit(_hash32(index, seed_tail)) < c / (c * q + r))
+      offsets = jnp.where(take_tail, q, offsets)
+    offsets = offsets.astype(_small_int(q))
+    return cls(shape, k, offsets, pairing)
 
+  @property
+  def compact_shape(self) -> tuple[int, ...]:
+    return self.shape[:-1] + (self.k,)
 
-def _floordiv(j: jax.Array, q: int) -> jax.Array:
-  """floor(j / q) for int32 j in (-2**30, 2**30) with vectorisable float32 ops.
+  def gather(self, x: jax.Array) -> jax.Array:
+    """The compact (..., k) array of x's chosen entries."""
+    g, c, q, r = self.blocks(self.shape, self.k)
+    lead = self.shape[:-1]
+    x = x.reshape(lead + (g, c * q + r))
+    offsets = self.offsets.reshape(lead + (g, c))
+    out = _select(x[..., : c * q].reshape(lead + (g, c, q)), offsets)
+    if r:  # tail entry t sits in stratum (t + pairing) % c
+      tail = jnp.pad(x[..., c * q:], [(0, 0)] * (x.ndim - 1) + [(0, c - r)])
+      out = jnp.where(offsets == q, jnp.roll(tail, self.pairing, axis=-1), out)
+    return out.reshape(self.compact_shape)
 
-  XLA lowers integer division by a constant to 64-bit multiply-high, which does not vectorise on
-  CPUs. The first float estimate is off by at most a few strata for j >= 2**24; the second step,
-  on a small remainder, is exact.
-  """
-  inv = 1.0 / q
-  i = jnp.floor((j.astype(jnp.float32) + 0.5) * inv).astype(jnp.int32)
-  return i + jnp.floor(((j - i * q).astype(jnp.float32) + 0.5) * inv).astype(jnp.int32)
+  def expand(self, compact: jax.Array) -> jax.Array:
+    """The full-size array holding `compact` on the subset and exactly 0 elsewhere."""
+    g, c, q, r = self.blocks(self.shape, self.k)
+    lead = self.shape[:-1]
+    compact = compact.reshape(lead + (g, c))
+    offsets = self.offsets.reshape(lead + (g, c))
+    full = _place(compact, offsets, q).reshape(lead + (g, c * q))
+    if r:
+      tail = jnp.where(offsets == q, compact, jnp.zeros([], compact.dtype))
+      tail = jnp.roll(tail, -self.pairing, axis=-1)[..., :r]
+      # Two pads and a sum (each entry is one side's value plus an exact 0) fuse into the
+      # parameter update where a concatenate would be materialised.
+      pad = [(0, 0)] * (full.ndim - 1)
+      full = jnp.pad(full, pad + [(0, r)]) + jnp.pad(tail, pad + [(c * q, 0)])
+    return full.reshape(self.shape)
 
 
 def _resolve_selection(leaves, params):
@@ -146,27 +217,32 @@ def sparse_mask(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on a random subset of each selected leaf; the other entries get zero update.
 
-  For each selected leaf a subset of about ``d`` of its entries is drawn from `key` and the reset
-  index ``r = k // ΔT``, so it is re-drawn at every update with ``k % ΔT == 0``. `inner` sees, for a
-  selected leaf, the flat vector of the subset's gradients (and parameters); unselected leaves reach
-  it whole. Its state therefore exists only for the selected entries: at density d the optimizer
-  state is about ``d`` x the dense state, plus a key and a count. No mask is stored; the subset is
-  regenerated from the key at every update (see the module docstring for how it is drawn).
+  For each selected leaf of shape ``(..., L)`` a subset of ``k = max(1, round(d L))`` entries of
+  every row is drawn from `key` and the reset index ``r = k // ΔT``, so it is re-drawn at every
+  update with ``k % ΔT == 0``. `inner` sees, for a selected leaf, the compact ``(..., k)`` array
+  of the subset's gradients (and parameters); unselected leaves reach it whole. Its state
+  therefore exists only for the selected entries, in the parameter's rank and leading dimensions:
+  at density d the optimizer state is about ``d`` x the dense state, plus a key and a count, and
+  the parameter's sharding applies to it unchanged. No mask is stored; the subset is regenerated
+  from the key at every update (see the module docstring for the layout and the draw).
 
   `inner` should zero its moments on the same schedule (`scale_by_adam_with_reset` with the same
   ``reset_interval``, as `spam` does): `sparse_mask` does not touch `inner`'s state, so moments
   kept across a re-draw would belong to other entries.
 
   Example:
-    >>> import jax, optax, spam_optax as spam
+    >>> import jax, jax.numpy as jnp, optax, spam_optax as spam
     >>> tx = optax.chain(
     ...     spam.sparse_mask(spam.scale_by_adam_with_reset(reset_interval=500), 0.25,
     ...                      reset_interval=500, key=jax.random.key(0)),
     ...     optax.scale_by_learning_rate(1e-3))
+    >>> state = tx.init({"w": jnp.ones((8, 16))})
+    >>> state[0].inner_state.mu["w"].shape  # 4 of every row's 16 entries
+    (8, 4)
 
   Args:
     inner: the transform to run on the subsets.
-    density: d in (0, 1], the fraction of each selected leaf that is updated.
+    density: d in (0, 1], the fraction of each row of a selected leaf that is updated.
     reset_interval: ΔT; the subset is re-drawn at every update k with k % ΔT == 0.
     key: a `jax.random.key`; the subsets are a pure function of it.
     leaves: which leaves are sparse: a pytree of bools matching the parameters, or a callable
@@ -193,15 +269,15 @@ def sparse_mask(
     selection, treedef = jax.tree.flatten(_resolve_selection(leaves, tree))
     strata = []
     for i, (sel, x) in enumerate(zip(selection, treedef.flatten_up_to(tree))):
-      n = int(np.size(x))
+      shape = tuple(np.shape(x))
       leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), r)
-      strata.append(Strata.draw(leaf_key, n, subset_size(n, density)) if sel and n else None)
+      strata.append(Strata.draw(leaf_key, shape, row_size(shape[-1], density))
+                    if is_sparse(shape, sel) else None)
     return treedef, strata
 
   def take(treedef, strata, tree):
     return treedef.unflatten([
-        x if st is None else jnp.ravel(x)[st.indices()]
-        for x, st in zip(treedef.flatten_up_to(tree), strata)
+        x if st is None else st.gather(x) for x, st in zip(treedef.flatten_up_to(tree), strata)
     ])
 
   def init_fn(params):
@@ -218,8 +294,8 @@ def sparse_mask(
     )
     # Entries outside the subset get exactly zero update (no SGD step, no weight decay).
     full = [
-        u if st is None else st.expand(u, g.shape)
-        for g, u, st in zip(treedef.flatten_up_to(updates), treedef.flatten_up_to(inner_updates), strata)
+        u if st is None else st.expand(u)
+        for u, st in zip(treedef.flatten_up_to(inner_updates), strata)
     ]
     new_state = SparseMaskState(optax.safe_increment(state.count), state.key, inner_state)
     return treedef.unflatten(full), new_state

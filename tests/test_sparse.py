@@ -1,4 +1,5 @@
-"""Sparse momentum: subset size, keyed draws, re-draws at resets, zero update off the subset, memory."""
+"""Sparse momentum: layout, subset size, keyed draws, re-draws at resets, zero update off the subset,
+memory, and an HLO check that the subsets are selected without gathers or scatters."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spam_optax as spam
-from spam_optax._sparse import Strata, subset_size
+from spam_optax._sparse import Strata, row_size
 
 
 def selected(updates):
@@ -34,7 +35,7 @@ def sparse_run(key, steps, density=0.25, interval=5, shape=(40, 25)):
 def test_fraction_zero_update_and_dense_leaves():
   masks, _ = sparse_run(jax.random.key(0), 3)
   for m in masks:
-    assert m["w"].sum() == 250  # exactly round(0.25 * 1000) entries move
+    assert (m["w"].sum(1) == 6).all()  # exactly round(0.25 * 25) entries of every row move
     assert m["b"].all()  # 1-D leaves stay dense by default
   assert (masks[0]["w"] == masks[2]["w"]).all()  # same subset within an interval
 
@@ -55,28 +56,61 @@ def test_same_key_same_subset_different_key_different():
   assert not (a[0]["w"] == c[0]["w"]).all()
 
 
-@pytest.mark.parametrize("n, density", [(12, 0.25), (10, 0.3), (7, 0.5), (9, 0.9)])
-def test_every_entry_equally_likely(n, density):
-  """Marginal inclusion probability is n_sel / n for every entry, also when strata differ in size."""
-  n_sel = subset_size(n, density)
-  draws = jax.vmap(lambda k: Strata.draw(k, n, n_sel).expand(jnp.ones(n_sel), (n,)))(
-      jax.random.split(jax.random.key(0), 4000))
-  counts = np.asarray(draws).astype(bool)
-  assert (counts.sum(1) == n_sel).all()
-  freq = counts.mean(0)
-  np.testing.assert_allclose(freq, n_sel / n, atol=4 * np.sqrt(0.25 / 4000))
+@pytest.mark.parametrize("length, density", [(12, 0.25), (10, 0.3), (7, 0.5), (9, 0.9), (512, 0.1),
+                                             (1376, 0.1)])
+def test_every_entry_equally_likely(length, density):
+  """Every entry of a row has probability k / L, also when the strata differ in size (tail)."""
+  k = row_size(length, density)
+  draw = jax.jit(jax.vmap(lambda key: Strata.draw(key, (length,), k).expand(jnp.ones(k))))
+  n = 6000
+  chosen = np.asarray(draw(jax.random.split(jax.random.key(0), n))) != 0
+  assert (chosen.sum(1) == k).all()
+  p = k / length
+  np.testing.assert_allclose(chosen.mean(0), p, atol=4.5 * np.sqrt(p * (1 - p) / n))
 
 
-@settings(max_examples=12, deadline=None)  # each (n, density) compiles anew
-@given(n=st.integers(1, 3000), density=st.floats(0.01, 1.0), seed=st.integers(0, 2**30))
-def test_indices_and_expand_agree(n, density, seed):
-  n_sel = subset_size(n, density)
-  s = Strata.draw(jax.random.key(seed), n, n_sel)
-  idx = np.asarray(s.indices())
-  assert len(np.unique(idx)) == n_sel and idx.min() >= 0 and idx.max() < n
-  full = np.asarray(s.expand(jnp.arange(1.0, n_sel + 1), (n,)))
-  np.testing.assert_array_equal(full[idx], np.arange(1.0, n_sel + 1))
-  assert np.count_nonzero(full) == n_sel
+@settings(max_examples=10, deadline=None)  # each shape compiles anew
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), density=st.floats(0.01, 1.0),
+       seed=st.integers(0, 2**30))
+def test_gather_and_expand_agree(shape, density, seed):
+  """expand puts the compact (..., k) values on exactly k entries of every row; gather reads them
+  back."""
+  shape = tuple(shape)
+  k = row_size(shape[-1], density)
+  s = Strata.draw(jax.random.key(seed), shape, k)
+  compact = jnp.arange(1.0, np.prod(s.compact_shape) + 1).reshape(s.compact_shape)
+  full = np.asarray(s.expand(compact))
+  assert full.shape == shape
+  assert (np.count_nonzero(full.reshape(-1, shape[-1]), axis=1) == k).all()
+  np.testing.assert_array_equal(np.asarray(s.gather(jnp.asarray(full))), np.asarray(compact))
+
+
+def test_compact_state_keeps_the_leaf_rank_and_leading_dimensions():
+  params = {"kernel": jnp.ones((8, 16)), "conv": jnp.ones((3, 4, 10)), "narrow": jnp.ones((50, 2)),
+            "vec": jnp.ones(10), "scalar": jnp.ones(())}
+  tx = spam.spam(1e-3, density=0.25, key=jax.random.key(0), sparse_leaves=lambda p: jax.tree.map(
+      lambda _: True, p))  # every leaf selected, even the vector and the scalar
+  mu = tx.init(params)[0].inner_state[0].mu
+  assert {n: x.shape for n, x in mu.items()} == {
+      "kernel": (8, 4), "conv": (3, 4, 2), "narrow": (50, 1), "vec": (2,), "scalar": ()}
+  u, _ = tx.update(params, tx.init(params), params)
+  assert np.count_nonzero(u["narrow"]) == 50  # d L < 1/2: one entry per row
+  assert np.count_nonzero(u["scalar"]) == 1  # scalars stay dense
+
+
+@pytest.mark.parametrize("density", [0.25, 0.1])
+def test_compiled_sparse_update_has_no_gather_or_scatter(density):
+  """The subset is selected with iota == offset selects: XLA's SPMD partitioner can keep that local
+  to each shard, where a gather or scatter with computed indices makes it move whole leaves."""
+  p = {"q": jnp.ones((64, 64)), "up": jnp.ones((64, 172)), "norm": jnp.ones(64)}
+  tx = spam.spam(1e-3, density=density, key=jax.random.key(0))
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), p).compile().as_text()
+  assert " gather(" not in hlo and " scatter(" not in hlo
 
 
 def test_subset_trajectory_equals_dense_spam_on_those_entries():

@@ -82,6 +82,22 @@ def test_mesh_data2_fsdp4_on_8_cpu_devices_matches_one_device(tmp_path):
   assert val[-1]["val_loss"] == pytest.approx(one.val_loss, rel=2e-5)
 
 
+def test_sparse_run_on_a_tensor_parallel_mesh_resumes_on_one_device(tmp_path):
+  """--density 0.25 on fsdp=4,tensor=2: its state follows the parameters' shardings through the
+  general rule, and its checkpoint resumes on one device as if never interrupted."""
+  args = FAST + ["--density", "0.25", "--reset-interval", "3", "--reset-warmup", "1",
+                 "--clip-delay", "1", "--schedule-steps", "6", "--checkpoint-every", "3"]
+  proc = run_cli(args + ["--workdir", str(tmp_path / "mesh"), "--mesh", "fsdp=4,tensor=2",
+                         "--steps", "3"], devices=8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  resumed = main(args + ["--workdir", str(tmp_path / "mesh"), "--steps", "6"])
+  whole = main(args + ["--workdir", str(tmp_path / "one"), "--steps", "6"])
+  assert resumed.start_step == 3
+  np.testing.assert_allclose([resumed.losses[s] for s in range(4, 7)],
+                             [whole.losses[s] for s in range(4, 7)], rtol=2e-5)
+  assert resumed.val_loss == pytest.approx(whole.val_loss, rel=2e-5)
+
+
 def test_batch_that_does_not_divide_over_the_mesh_is_rejected_before_compiling(tmp_path):
   proc = run_cli(FAST + ["--workdir", str(tmp_path), "--steps", "2", "--mesh", "data=2,fsdp=4",
                          "--batch-size", "6"], devices=8)

@@ -113,24 +113,25 @@ def _names(path) -> tuple[str, ...]:
 
 
 def state_shardings(abstract_state, param_sh: dict, mesh: Mesh):
-  """Shardings for the whole train state: optimizer leaves shaped like a parameter follow it.
+  """Shardings for the whole train state: optimizer leaves of a parameter's rank follow it.
 
-  An optimizer-state leaf whose key path ends with a parameter's path and has its shape (Adam's
-  moments, SPAM's, ...) gets that parameter's sharding; other large leaves (sparse SPAM's compact
-  moments, GaLore's projections) are split over ``fsdp`` along their first dimension when it
-  divides; scalars and keys are replicated.
+  An optimizer-state leaf whose key path ends with a parameter's path and has its rank gets that
+  parameter's PartitionSpec (less the axes its shape does not divide): Adam's and SPAM's moments,
+  and sparse SPAM's compact moments, whose layout keeps the parameter's rank and leading
+  dimensions for exactly this. Other large leaves (GaLore's projections) are split over ``fsdp``
+  along their first dimension when it divides; scalars and keys are replicated.
   """
-  by_path = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
-  shapes = {_names(p): l.shape for p, l in
-            jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]}
+  by_path = {_names(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  ranks = {_names(p): l.ndim for p, l in
+           jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]}
   replicated = NamedSharding(mesh, P())
 
   def pick(path, leaf):
     names = _names(path)
     for start in range(len(names)):
       tail = names[start:]
-      if tail in by_path and shapes[tail] == leaf.shape:
-        return by_path[tail]
+      if tail in by_path and ranks[tail] == leaf.ndim:
+        return NamedSharding(mesh, fit_spec(by_path[tail], leaf.shape, mesh))
     if getattr(leaf, "ndim", 0) >= 1 and not ckpt_lib._is_key(leaf) and leaf.size >= 1 << 14:
       return NamedSharding(mesh, fit_spec(P(FSDP), leaf.shape, mesh))
     return replicated
