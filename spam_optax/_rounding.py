@@ -45,7 +45,6 @@ def hash32(x: jax.Array, seed: jax.Array) -> jax.Array:
   """murmur3 fmix32 of (x * golden ratio + seed): a cheap, well-mixed counter-based hash.
 
   `x` is any integer array (taken modulo 2**32), `seed` a uint32 scalar or broadcastable array.
-  (The same function as ``spam_optax._sparse._hash32``, which should import it from here.)
   """
   h = x.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.asarray(seed, jnp.uint32)
   h = h ^ (h >> 16)

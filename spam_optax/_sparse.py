@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 from spam_optax import _schedules, _validate
+from spam_optax._rounding import hash32
 
 
 class SparseMaskState(NamedTuple):
@@ -67,16 +68,6 @@ def row_size(last_dim: int, density: float) -> int:
 def is_sparse(shape, selected: bool) -> bool:
   """Whether a selected leaf of this shape gets a compact layout (scalars, empty leaves do not)."""
   return bool(selected) and len(shape) >= 1 and math.prod(shape) > 0
-
-
-def _hash32(x: jax.Array, seed: jax.Array) -> jax.Array:
-  """murmur3 fmix32 of (x * golden ratio + seed): a cheap, well-mixed counter-based hash."""
-  h = x.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + seed
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
 
 
 def _unit(bits: jax.Array) -> jax.Array:
@@ -153,7 +144,7 @@ class Strata(NamedTuple):
     g, c, q, r = cls.blocks(shape, k)
     seed_main, seed_tail, pairing_bits = jax.random.bits(key, (3,), jnp.uint32)
     index = _flat_index(compact)
-    offsets = jnp.floor(_unit(_hash32(index, seed_main)) * q).astype(jnp.int32)
+    offsets = jnp.floor(_unit(hash32(index, seed_main)) * q).astype(jnp.int32)
     offsets = jnp.minimum(offsets, q - 1)
     pairing = (pairing_bits % jnp.uint32(c)).astype(jnp.int32)
     if r:
@@ -161,7 +152,7 @@ class Strata(NamedTuple):
       # then takes that entry with probability c / m, which gives every entry probability c / m.
       j = jax.lax.broadcasted_iota(jnp.int32, shape[:-1] + (g, c), len(shape)).reshape(compact)
       paired = jnp.where(j >= pairing, j - pairing, j - pairing + c) < r
-      take_tail = paired & (_unit(_hash32(index, seed_tail)) < c / (c * q + r))
+      take_tail = paired & (_unit(hash32(index, seed_tail)) < c / (c * q + r))
       offsets = jnp.where(take_tail, q, offsets)
     offsets = offsets.astype(_small_int(q))
     return cls(shape, k, offsets, pairing)
