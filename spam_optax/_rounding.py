@@ -106,8 +106,9 @@ def stochastic_round(x: jax.Array, dtype, bits16: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(b, jnp.float32).astype(dtype)
   nearest = x.astype(dtype)
   n32 = nearest.astype(jnp.float32)
-  other = jnp.where(n32 > x, jnp.nextafter(nearest, jnp.asarray(-jnp.inf, dtype)),
-                    jnp.nextafter(nearest, jnp.asarray(jnp.inf, dtype)))
+  # Towards ±max, not ±inf: some float8 formats have no inf.
+  big = jnp.asarray(jnp.finfo(dtype).max, dtype)
+  other = jnp.where(n32 > x, jnp.nextafter(nearest, -big), jnp.nextafter(nearest, big))
   o32 = other.astype(jnp.float32)
   lo32, hi32 = jnp.minimum(n32, o32), jnp.maximum(n32, o32)
   lo, hi = jnp.where(n32 <= o32, nearest, other), jnp.where(n32 <= o32, other, nearest)

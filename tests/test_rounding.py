@@ -58,7 +58,8 @@ def test_bf16_v_with_stochastic_rounding_follows_float32_and_nearest_sticks(make
 
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
   store = jax.jit(_rounding.store, static_argnums=(1, 2, 4, 5))
-  for dtype, x in ((jnp.bfloat16, 0.2507), (jnp.float16, 0.2507), (jnp.bfloat16, -3.1e-3)):
+  for dtype, x in ((jnp.bfloat16, 0.2507), (jnp.float16, 0.2507), (jnp.bfloat16, -3.1e-3),
+                   (jnp.float8_e4m3fn, 0.3), (jnp.float8_e5m2, -0.3)):
     xs = jnp.full((200_000,), x, jnp.float32)
     y = store(xs, dtype, "stochastic", jnp.int32(7), 3, _rounding.STREAM_NU)
     assert y.dtype == dtype
@@ -67,7 +68,7 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     ulp = values[1] - values[0]
     assert abs(float(np.mean(np.asarray(y, np.float64))) - x) < 0.01 * ulp
   exact = jnp.asarray([0.0, -0.0, 0.25, 1.5, -2.0, jnp.inf, -jnp.inf], jnp.float32)
-  for dtype in (jnp.bfloat16, jnp.float16):
+  for dtype in (jnp.bfloat16, jnp.float16, jnp.float8_e5m2):
     got = store(exact, dtype, "stochastic", jnp.int32(1), 0, 0)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(exact))
     assert np.isnan(np.asarray(store(jnp.asarray([jnp.nan]), dtype, "stochastic", jnp.int32(1), 0,
