@@ -60,8 +60,8 @@ def skip_step_on_spikes(
     n_t - \mu > \sigma \cdot \max(s, s_{\min}).
 
   An outlier step returns zero updates and leaves the wrapped optimizer's state exactly as it was
-  (the inner update is not run: ``jax.lax.cond``), so neither the parameters nor the moments see
-  the spike. If ``loss=`` is passed to ``update`` (an extra argument, as in MaxText), the loss is
+  (the inner update is not run: ``jax.lax.cond``, as MaxText and ``optax.apply_if_finite``), so
+  neither the parameters nor the moments see the spike. If ``loss=`` is passed to ``update`` (an extra argument, as in MaxText), the loss is
   tested the same way over its own window and either outlier skips the step. No step is skipped
   while fewer than ``min_history - 1`` values are in the window (default ``min_history =
   max(2, window // 2)``). The current values enter the window after the decision, *also when the
@@ -139,13 +139,14 @@ def skip_step_on_spikes(
     def run(_):
       return inner.update(updates, state.inner_state, params, **extra_args)
 
-    out_shapes = jax.eval_shape(run, None)
-
     def hold(_):
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes[0])
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, None)[0])
       return zeros, state.inner_state
 
-    new_updates, inner_state = jax.lax.cond(skip, hold, run, None)
+    # lax.cond (the inner update is not run on a skipped step), with the update as the *first*
+    # branch: with the branches the other way round, or with a select, XLA copies every donated
+    # moment and parameter buffer at every step (tests/test_competitors.py checks the HLO).
+    new_updates, inner_state = jax.lax.cond(~skip, run, hold, None)
     slot = state.count % window
     losses = state.losses if loss is None else state.losses.at[slot].set(loss)
     return new_updates, SkipStepOnSpikesState(

@@ -251,3 +251,14 @@ def test_skip_bad_arguments():
                        (dict(min_std=-1.0), "min_std"), (dict(min_history=-1), "min_history")]:
     with pytest.raises(ValueError, match=name):
       spam.skip_step_on_spikes(optax.sgd(1.0), **kwargs)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: spam.skip_step_on_spikes(spam.spam(1e-3)),
+    lambda: spam.skip_step_on_spikes(optax.adamw(1e-3)),
+    lambda: optax.chain(spam.zclip(), spam.spam(1e-3)),
+], ids=["skip_spam", "skip_adamw", "zclip_spam"])
+def test_compiled_step_has_no_moment_copies(make):
+  """A lax.cond with the branches the other way round (or a select) copies every donated buffer."""
+  from tests.test_hlo import PARAMS, full_size_copies
+  assert full_size_copies(make(), PARAMS) == []
