@@ -26,6 +26,7 @@ def spam(
     density: float = 1.0,
     key: chex.PRNGKey | None = None,
     sparse_leaves=None,
+    sparse_row_multiple: int | None = None,
     weight_decay: float = 0.0,
     mu_dtype=None,
     nu_dtype=None,
@@ -88,6 +89,10 @@ def spam(
       state's shapes, so under ``optax.inject_hyperparams`` pass ``static_args=("density", "key")``.
     key: a `jax.random.key`, required when ``density < 1``.
     sparse_leaves: which leaves are sparse (pytree of bools or callable); default ndim >= 2.
+    sparse_row_multiple: `sparse_mask`'s ``row_multiple``: the number of entries kept per row is a
+      multiple of it (set it to the mesh axes that split the last dimension, see `sparse_mask`);
+      None: 1. Like ``density`` it fixes state shapes: under ``optax.inject_hyperparams`` add it
+      to ``static_args`` when you set it.
     weight_decay: decoupled weight decay (default 0). Sparse leaves decay on their subset only.
     mu_dtype, nu_dtype: dtypes of ``m`` and ``v``; default: the parameters' dtype.
     restart_bias_correction: count bias correction from the last reset (not the authors' code).
@@ -125,5 +130,6 @@ def spam(
     core.append(optax.add_decayed_weights(weight_decay))
   core = optax.chain(*core)
   if sparse:
-    core = sparse_mask(core, density, reset_interval=reset_interval, key=key, leaves=sparse_leaves)
+    core = sparse_mask(core, density, reset_interval=reset_interval, key=key, leaves=sparse_leaves,
+                       row_multiple=sparse_row_multiple or 1)
   return optax.chain(core, optax.scale_by_learning_rate(learning_rate))

@@ -60,8 +60,14 @@ class SparseMaskState(NamedTuple):
   inner_state: optax.OptState
 
 
-def row_size(last_dim: int, density: float) -> int:
-  """k: the entries kept per row of a leaf whose last dimension is `last_dim`, at density d."""
+def row_size(last_dim: int, density: float, multiple: int = 1) -> int:
+  """k: the entries kept per row of a leaf whose last dimension is `last_dim`, at density d.
+
+  ``max(1, round(d L))``, or with ``multiple`` (which must divide L to apply) a multiple of it, so
+  that a mesh axis of that size which splits the parameter's last dimension splits k too.
+  """
+  if multiple > 1 and last_dim % multiple == 0:
+    return multiple * max(1, int(round(density * last_dim / multiple)))
   return max(1, int(round(density * last_dim)))
 
 
@@ -85,6 +91,7 @@ def _flat_index(shape) -> jax.Array:
   return index
 
 
+_MATERIALIZE_OFFSETS = False  # A/B switch, decided by benchmarks/optimizer_update.py
 _UNROLL = 16  # strata of up to this many entries select with a chain of selects (d >= ~1/16)
 
 
@@ -155,6 +162,8 @@ class Strata(NamedTuple):
       take_tail = paired & (_unit(hash32(index, seed_tail)) < c / (c * q + r))
       offsets = jnp.where(take_tail, q, offsets)
     offsets = offsets.astype(_small_int(q))
+    if _MATERIALIZE_OFFSETS:
+      offsets = jnp.max(jnp.stack([offsets, jnp.zeros_like(offsets)]), axis=0)
     return cls(shape, k, offsets, pairing)
 
   @property
@@ -205,6 +214,7 @@ def sparse_mask(
     reset_interval: int = 500,
     key: chex.PRNGKey,
     leaves: Any = None,
+    row_multiple: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on a random subset of each selected leaf; the other entries get zero update.
 
@@ -238,6 +248,10 @@ def sparse_mask(
     key: a `jax.random.key`; the subsets are a pure function of it.
     leaves: which leaves are sparse: a pytree of bools matching the parameters, or a callable
       ``params -> pytree of bools`` (as in `optax.masked`). Default: every leaf with ndim >= 2.
+    row_multiple: make k a multiple of this wherever it divides L. Set it to the size of the mesh
+      axes that split the parameters' last dimension when ``d L`` is not a multiple of them (for
+      example d = 0.1 with L = 512 on 8 devices: k = 48 instead of 51); otherwise XLA moves the
+      leaves between devices to expand them. It fixes state shapes, as `density` does.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `SparseMaskState`.
@@ -249,6 +263,9 @@ def sparse_mask(
   if _validate.concrete(density) is None:
     raise ValueError(f"density must be a Python float in (0, 1] (it fixes state shapes), got {density!r}")
   _validate.check_int("reset_interval", reset_interval, 1)
+  _validate.check_int("row_multiple", row_multiple, 1)
+  if _validate.concrete(row_multiple) is None:
+    raise ValueError(f"row_multiple must be a Python int (it fixes state shapes), got {row_multiple!r}")
   if key is None:
     raise ValueError("key must be a jax.random.key when density < 1 (the subsets derive from it)")
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -262,7 +279,7 @@ def sparse_mask(
     for i, (sel, x) in enumerate(zip(selection, treedef.flatten_up_to(tree))):
       shape = tuple(np.shape(x))
       leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), r)
-      strata.append(Strata.draw(leaf_key, shape, row_size(shape[-1], density))
+      strata.append(Strata.draw(leaf_key, shape, row_size(shape[-1], density, row_multiple))
                     if is_sparse(shape, sel) else None)
     return treedef, strata
 

@@ -98,6 +98,16 @@ def test_compact_state_keeps_the_leaf_rank_and_leading_dimensions():
   assert np.count_nonzero(u["scalar"]) == 1  # scalars stay dense
 
 
+def test_row_multiple_rounds_k_to_a_multiple_where_it_divides_the_row():
+  assert [row_size(512, 0.1, m) for m in (1, 8, 3)] == [51, 48, 51]  # 3 does not divide 512
+  assert row_size(16, 0.01, 8) == 8  # at least one multiple
+  tx = spam.spam(1e-3, density=0.1, key=jax.random.key(0), sparse_row_multiple=8)
+  mu = tx.init({"w": jnp.ones((4, 512))})[0].inner_state[0].mu
+  assert mu["w"].shape == (4, 48)
+  with pytest.raises(ValueError, match="row_multiple"):
+    spam.sparse_mask(spam.scale_by_adam_with_reset(), 0.5, key=jax.random.key(0), row_multiple=0)
+
+
 @pytest.mark.parametrize("density", [0.25, 0.1])
 def test_compiled_sparse_update_has_no_gather_or_scatter(density):
   """The subset is selected with iota == offset selects: XLA's SPMD partitioner can keep that local
