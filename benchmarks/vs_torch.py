@@ -10,7 +10,7 @@ rotating order, and each reports its median; the ratio is JAX / torch (below 1: 
 into model and optimizer. Other modes:
 
 * ``--memory``: peak memory of the compiled train step (``compiled.memory_analysis()``) for every
-  ``--remat`` policy, on 60m and 130m (compiles only);
+  ``--remat`` policy, layers scanned and unrolled, on 60m and 130m (compiles only);
 * ``--compile-depth``: compile time of the 60M-width train step at 8, 24 and 48 layers, scanned and
   unrolled.
 
@@ -26,6 +26,7 @@ Needs the ``bench`` extra (torch CPU wheel, transformers).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models import get_config  # noqa: E402
+from models.llama import REMAT  # noqa: E402
 from models.hf import config_to_hf  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train.config import Config  # noqa: E402
@@ -171,20 +173,23 @@ def memory(args) -> list[dict]:
   rows = []
   for model in (["tiny"] if args.smoke else ["60m", "130m"]):
     vocab, batch, seq = (64, 2, 16) if args.smoke else (32000, 16, 256)
-    for remat in ("none", "block") if args.smoke else ("none", "dots", "block"):
+    for scan, remat in itertools.product((True,) if args.smoke else (True, False),
+                                         ("none", "block") if args.smoke else REMAT):
       cfg = Config(model=model, batch_size=batch, seq_len=seq, optimizer="spam", log_spikes=False,
-                   progress=False, dtype=args.dtype, **dict(args.changes, remat=remat))
+                   progress=False, dtype=args.dtype,
+                   **dict(args.changes, remat=remat, scan_layers=scan))
       built = build_training(cfg, model_config(cfg, vocab), make_mesh(None))
       batch_spec = {"tokens": jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32),
                     "weights": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
       mem = built.train_step.lower(built.abstract_state, batch_spec).compile().memory_analysis()
-      row = {"model": model, "batch": batch, "seq": seq, "remat": remat,
+      row = {"model": model, "batch": batch, "seq": seq, "scan_layers": scan, "remat": remat,
              "temp_mb": mem.temp_size_in_bytes / 2**20,
              "args_mb": mem.argument_size_in_bytes / 2**20,
              "peak_mb": (mem.temp_size_in_bytes + mem.argument_size_in_bytes +
                          mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20}
       rows.append(row)
-      print(f"| {model} | {batch}x{seq} | {remat} | {row['temp_mb']:.0f} | {row['args_mb']:.0f} | "
+      print(f"| {model} | {batch}x{seq} | {'scan' if scan else 'unrolled'} | {remat} | "
+            f"{row['temp_mb']:.0f} | {row['args_mb']:.0f} | "
             f"{row['peak_mb']:.0f} |", flush=True)
   return rows
 
@@ -216,7 +221,7 @@ def main(argv=None):
   parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
   parser.add_argument("--batch", help="BxT for every model (default: the issue's shapes)")
   parser.add_argument("--attention", default="auto")
-  parser.add_argument("--scan-layers", default="true", choices=("true", "false"))
+  parser.add_argument("--scan-layers", default="false", choices=("true", "false"))
   parser.add_argument("--remat", default="none")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
@@ -244,7 +249,8 @@ def main(argv=None):
         "torch fwd+bwd ms | ratio |\n|---|---|---|---|---|---|---|---|---|")
   out["speed"] = speed(args)
   if args.memory or args.all or args.smoke:
-    print("\n| model | batch | remat | temp MiB | arguments MiB | peak MiB |\n|---|---|---|---|---|---|")
+    print("\n| model | batch | layers run | remat | temp MiB | arguments MiB | peak MiB |\n"
+          "|---|---|---|---|---|---|---|")
     out["memory"] = memory(args)
   if args.compile_depth or args.all or args.smoke:
     print("\n| layers run | depth | compile s |\n|---|---|---|")

@@ -104,13 +104,15 @@ def train_step_hlo(cfg, batch=2, seq=16) -> str:
 
 def test_scanned_program_does_not_grow_with_depth():
   dots = lambda cfg: train_step_hlo(cfg).count("dot_general")
-  shallow, deep = TINY.replace(num_layers=2), TINY.replace(num_layers=6)
+  shallow, deep = (TINY.replace(num_layers=n, scan_layers=True) for n in (2, 6))
   assert dots(shallow) == dots(deep)
   assert dots(deep.replace(scan_layers=False)) > dots(shallow.replace(scan_layers=False))
 
 
-def test_remat_lowers_peak_memory():
-  cfg = TINY.replace(hidden_size=64, intermediate_size=256, num_layers=4)
+def test_remat_lowers_peak_memory_of_the_scanned_model():
+  # Under scan the saved activations are the loop's outputs, so the policy decides them. Unrolled,
+  # XLA:CPU's scheduler recomputes early and remat saves nothing (benchmarks/RESULTS.md).
+  cfg = TINY.replace(hidden_size=64, intermediate_size=256, num_layers=4, scan_layers=True)
   tokens = jnp.zeros((8, 64), jnp.int32)
 
   def temp_bytes(remat):
