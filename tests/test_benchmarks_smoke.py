@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks import ablations, quality, quant_quality, spikes
+from benchmarks import ablations, bf16_state_quality, quality, quant_quality, spikes
 
 
 def test_quality_smoke(tmp_path, capsys):
@@ -46,6 +46,20 @@ def test_quant_quality_smoke(tmp_path, capsys):
   assert stable["stable_reset_interval"] == 500
   out = capsys.readouterr().out
   assert "| int4/stable_spam | int4 | stable_spam |" in out and "diverged runs" in out
+
+
+def test_bf16_state_quality_smoke(tmp_path, capsys):
+  store = bf16_state_quality.main(["--smoke", "--json", str(tmp_path / "bs.json")])
+  runs = {r["row"]: r for r in store.runs()}
+  assert set(runs) == {"fp32_state", "bf16_stochastic", "bf16_nearest"}
+  for r in runs.values():
+    assert r["overrides"]["dtype"] == "pure_bf16" and r["overrides"]["optimizer"] == "spam"
+    assert r["lr"] == 1e-3 and math.isfinite(r["val_loss"])
+  assert runs["bf16_nearest"]["overrides"]["state_rounding"] == "nearest"
+  # bf16 moments: half of the float32 state (up to the two int32 counts).
+  assert abs(runs["bf16_stochastic"]["state_bytes"] - runs["fp32_state"]["state_bytes"] / 2) < 64
+  out = capsys.readouterr().out
+  assert "| bf16 | bfloat16 | nearest | 1 |" in out and "paired by seed" in out
 
 
 def test_nullify_zeroes_what_clip_clips():
