@@ -164,7 +164,8 @@ _HELP = {
                    "time grows less), but 16-18%% slower steps on XLA:CPU; false unrolls them "
                    "(parameters and checkpoints are the same either way)",
     "remat": f"recompute in the backward pass ({', '.join(REMAT)}): block = all of each block, "
-             "dots = all but the projections' outputs",
+             "dots = all but the projections' outputs (on XLA:CPU it saves memory only with "
+             "--scan-layers true)",
     "init_from": "start from these weights with a fresh optimizer state (fine-tuning): a Hugging "
                  "Face LlamaForCausalLM directory (config.json + safetensors; the model shape comes "
                  "from it and --model is ignored) or a workdir / checkpoints/STEP of this script",
