@@ -4,12 +4,16 @@ References:
   Huang et al., "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training", ICLR 2025.
 """
 
-from spam_optax._adam_reset import ScaleByAdamWithResetState, scale_by_adam_with_reset
+from spam_optax._adam_reset import (
+    ScaleByAdamWithResetState,
+    ScaleBySpamAdamState,
+    scale_by_adam_with_reset,
+)
 from spam_optax._alias import spam
 from spam_optax._scale import scale, scale_by_column_norm
 from spam_optax._schedules import reset_warmup_schedule
 from spam_optax._sparse import SparseMaskState, sparse_mask
-from spam_optax._spike_clip import SpikeClipState, clip_spikes, spike_clip
+from spam_optax._spike_clip import SpikeClipState, spike_clip
 from spam_optax._adaptive_clip import AdaptiveSpikeClipState, adaptive_spike_clip
 from spam_optax._adaptive_norm import AdaptiveGradNormState, adaptive_grad_norm
 from spam_optax._spike_monitor import (
@@ -30,9 +34,9 @@ from spam_optax._stable_spam import (
 
 __all__ = [
     "ScaleByAdamWithResetState",
+    "ScaleBySpamAdamState",
     "SparseMaskState",
     "SpikeClipState",
-    "clip_spikes",
     "reset_warmup_schedule",
     "scale",
     "scale_by_column_norm",

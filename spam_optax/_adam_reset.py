@@ -5,32 +5,37 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import chex
-import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _rounding, _schedules, _tree, _validate
-from spam_optax._spike_clip import clip_spikes, clipped_square, compute_dtype
+from spam_optax import _numerics, _rounding, _schedules, _tree, _validate, _xla_cpu
+from spam_optax._spike_clip import clip_spikes, count_spikes
 
 
 class ScaleByAdamWithResetState(NamedTuple):
-  """State of `scale_by_adam_with_reset`: update count and raw first and second moments."""
+  """State of `scale_by_adam_with_reset` without a clip: update count, raw first and second moments."""
 
   count: chex.Array  # int32, updates done so far (k - 1)
   mu: optax.Updates
   nu: optax.Updates
 
 
-def _zero_after(x: jax.Array, dtype) -> jax.Array:
-  """A scalar 0 that XLA cannot fold away and that depends on x: adding it orders a fusion after x.
+class ScaleBySpamAdamState(NamedTuple):
+  """State of `scale_by_adam_with_reset` with its fused spike clip (``clip_threshold`` set), as in
+  `spam`.
 
-  The sign bit of one entry, shifted out: always 0, NaN or not.
+  Attributes:
+    count: int32, updates done so far (k - 1).
+    mu: raw first moment, like the params.
+    nu: raw second moment, like the params (the clip's ``v`` too).
+    num_clipped: int32, gradient entries clipped by the last update, over all leaves;
+      ``optax.tree.get(opt_state, "num_clipped")`` reads it from any enclosing state.
   """
-  if x.size == 0:
-    return jnp.zeros([], dtype)
-  # x[0, ..., 0], not x.reshape(-1)[0]: a reshape of a sharded x would all-gather it.
-  bits = jax.lax.bitcast_convert_type(x[(0,) * x.ndim].astype(jnp.float32), jnp.uint32)
-  return ((bits >> 31) >> 1).astype(dtype)
+
+  count: chex.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  num_clipped: chex.Array
 
 
 def bias_correction_index(k, reset_interval: int, restart: bool):
@@ -48,7 +53,7 @@ def scale_by_adam_with_reset(
     reset_interval: int = 500,
     mu_dtype=None,
     restart_bias_correction: bool = False,
-    clip_threshold: float = 0.0,
+    clip_threshold: float | None = None,
     clip_delay: int = 20,
     nu_dtype=None,
     rounding: str = "stochastic",
@@ -67,10 +72,11 @@ def scale_by_adam_with_reset(
   the un-corrected ``sqrt(v)`` (HF-transformers style). ``restart_bias_correction=True`` counts
   ``k`` from the last reset instead.
 
-  With ``clip_threshold = θ > 0`` the gradient is first clipped element-wise against the previous
+  With ``clip_threshold = θ`` the gradient is first clipped element-wise against the previous
   raw ``v`` exactly as `spike_clip` does (``g² > θ v  ->  sign(g) sqrt(θ v)``, off during the
-  ``clip_delay`` windows). That fuses SPAM's clip and Adam over one shared ``v``: `spam` uses it, so
-  its state holds one ``m`` and one ``v`` per parameter.
+  ``clip_delay`` windows and for θ = 0). That fuses SPAM's clip and Adam over one shared ``v``:
+  `spam` uses it, so its state holds one ``m`` and one ``v`` per parameter, and the state (a
+  `ScaleBySpamAdamState`) counts the clipped entries in ``num_clipped`` as `spike_clip` does.
 
   **Low-precision state.** The moments are computed in float32 (at least) and rounded once when
   stored. With a ``mu_dtype`` / ``nu_dtype`` narrower than float32 (e.g. bfloat16) the default
@@ -107,14 +113,16 @@ def scale_by_adam_with_reset(
     reset_interval: ΔT; moments are zeroed at the start of every update k with k % ΔT == 0.
     mu_dtype: dtype of ``m``; defaults to the parameters' dtype.
     restart_bias_correction: restart the bias-correction count at every reset (not the default).
-    clip_threshold: θ of the fused spike clip; 0 (the default) means no clipping here.
+    clip_threshold: θ of the fused spike clip (0: none, but still counted in the state); None (the
+      default): no clip, and a `ScaleByAdamWithResetState` without ``num_clipped``.
     clip_delay: no clipping while ``k < clip_delay`` or ``k % ΔT < clip_delay``.
     nu_dtype: dtype of ``v``; defaults to the parameters' dtype.
     rounding: how moments are stored in a dtype narrower than float32: ``"stochastic"`` (default,
       unbiased) or ``"nearest"`` (the authors' behaviour). No effect on float32 state.
 
   Returns:
-    An `optax.GradientTransformation` whose state is a `ScaleByAdamWithResetState`.
+    An `optax.GradientTransformation` whose state is a `ScaleByAdamWithResetState`, or a
+    `ScaleBySpamAdamState` when ``clip_threshold`` is set.
 
   References:
     Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training, ICLR 2025.
@@ -124,18 +132,22 @@ def scale_by_adam_with_reset(
   _validate.check_beta("b2", b2)
   _validate.check("eps", eps, lambda x: x >= 0, ">= 0")
   _validate.check_int("reset_interval", reset_interval, 1)
-  _validate.check("clip_threshold", clip_threshold, lambda x: x >= 0, ">= 0")
+  fused_clip = clip_threshold is not None
+  if fused_clip:
+    _validate.check("clip_threshold", clip_threshold, lambda x: x >= 0, ">= 0")
+  threshold = 0.0 if clip_threshold is None else clip_threshold
   _validate.check_int("clip_delay", clip_delay, 0)
   _rounding.check_rounding(rounding)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
 
   def init_fn(params):
-    return ScaleByAdamWithResetState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params, dtype=nu_dtype),
-    )
+    count = jnp.zeros([], jnp.int32)
+    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+    nu = optax.tree.zeros_like(params, dtype=nu_dtype)
+    if fused_clip:
+      return ScaleBySpamAdamState(count=count, mu=mu, nu=nu, num_clipped=jnp.zeros([], jnp.int32))
+    return ScaleByAdamWithResetState(count=count, mu=mu, nu=nu)
 
   def update_fn(updates, state, params=None):
     del params
@@ -145,31 +157,34 @@ def scale_by_adam_with_reset(
     kb = bias_correction_index(k, reset_interval, restart_bias_correction)
 
     def leaf(g, m, v, index):
-      out_dtype, dt = g.dtype, compute_dtype(g.dtype)
+      out_dtype, dt = g.dtype, _numerics.compute_dtype(g.dtype)
       step = kb.astype(dt)
       scale = jnp.sqrt(1 - jnp.asarray(b2, dt) ** step) / (1 - jnp.asarray(b1, dt) ** step)
       # Reset with a select, not a multiply by 0: a NaN in the moments must not survive a reset.
       m_old = jnp.where(reset, 0, m.astype(dt))
       v_old = jnp.where(reset, 0, v.astype(dt))
       g = g.astype(dt)
-      # Each moment update computes the clip itself, in a different form, so that XLA does not
-      # share a full-size temporary between them.
-      m_new = b1 * m_old + (1 - b1) * clip_spikes(g, v_old, clip_threshold, active)
-      # The m update reads the old v. Adding a 0 that depends on m_new orders the v update after
-      # it, so v is overwritten in place; otherwise XLA copies every v buffer. (Where the 0 goes
-      # matters to XLA's fusion heuristics; tests/test_hlo.py fails if a copy comes back.)
-      v_new = b2 * (v_old + _zero_after(m_new, dt)) + (1 - b2) * clipped_square(
-          g, v_old, clip_threshold, active)
+      m_new = b1 * m_old + (1 - b1) * clip_spikes(g, v_old, threshold, active)
+      n = count_spikes(g, v_old, threshold, active) if fused_clip else None
+      # v's update reads the clipped g² as min(g², θ v) and is ordered after the other readers of
+      # the old v (m's update, the count), so that v is overwritten in place (see _xla_cpu).
+      v_old_after = v_old + _xla_cpu.zero_after(m_new, dt)
+      if fused_clip:
+        v_old_after = v_old_after + _xla_cpu.zero_after(n, dt)
+      v_new = b2 * v_old_after + (1 - b2) * _xla_cpu.clipped_square(g, v_old, threshold, active)
       u = scale * m_new / (jnp.sqrt(v_new) + eps)
       # Round once when storing (a plain cast for float32 state; see the docstring).
       rounder = _rounding.LeafRounder(rounding, state.count, index)
       m_new = rounder.store(m_new, m.dtype, _rounding.STREAM_MU)
       v_new = rounder.store(v_new, v.dtype, _rounding.STREAM_NU)
-      return u.astype(out_dtype), m_new, v_new
+      return u.astype(out_dtype), m_new, v_new, n
 
-    u, mu, nu = _tree.map_multi(leaf, updates, state.mu, state.nu, _tree.leaf_indices(updates),
-                                n_out=3)
+    u, mu, nu, counts = _tree.map_multi(leaf, updates, state.mu, state.nu,
+                                        _tree.leaf_indices(updates), n_out=4)
     count = optax.safe_increment(state.count)
+    if fused_clip:
+      return u, ScaleBySpamAdamState(count=count, mu=mu, nu=nu,
+                                     num_clipped=_tree.sum_leaves(counts))
     return u, ScaleByAdamWithResetState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

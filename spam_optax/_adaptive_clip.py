@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _steps, _tree
+from spam_optax import _numerics, _schedules, _tree, _validate
 
 
 class AdaptiveSpikeClipState(NamedTuple):
@@ -82,18 +82,19 @@ def adaptive_spike_clip(
     Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam
     <https://arxiv.org/abs/2502.17055>`_, 2025 (AdaClip, Algorithm 1).
   """
-  _steps.check_beta("decay", decay)
-  _steps.check_interval("bias_correction_reset_interval", bias_correction_reset_interval)
+  _validate.check_beta("decay", decay)
+  _validate.check_int("bias_correction_reset_interval", bias_correction_reset_interval, 0)
 
   def init_fn(params):
     return AdaptiveSpikeClipState(
         count=jnp.zeros([], jnp.int32),
-        max_ema=jax.tree.map(lambda p: jnp.zeros([], _steps.stat_dtype(p.dtype)), params),
+        max_ema=jax.tree.map(lambda p: jnp.zeros([], _numerics.compute_dtype(p.dtype)), params),
     )
 
   def update_fn(updates, state, params=None):
     del params
-    s = _steps.statistics_step(state.count, bias_correction_reset_interval)
+    s = _schedules.statistics_step(_schedules.update_index(state.count),
+                                   bias_correction_reset_interval)
 
     def leaf(g, m):
       if g.size == 0:
@@ -103,7 +104,7 @@ def adaptive_spike_clip(
       # full-size buffer (the reduce emitter does not fuse the abs), which tripled the step time.
       gmax = jnp.maximum(jnp.max(g), -jnp.min(g)).astype(dt)
       m_new = (decay * m + (1 - decay) * gmax).astype(dt)
-      m_hat = m_new / (1 - _steps.power(decay, s, dt))
+      m_hat = m_new / (1 - _numerics.power(decay, s, dt))
       ratio = m_hat / jnp.where(gmax > 0, gmax, jnp.ones_like(gmax))
       clipped = jnp.where(jnp.abs(g) > m_hat, g * ratio, g).astype(g.dtype)
       return clipped, m_new

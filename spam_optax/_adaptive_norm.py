@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _steps, _tree
+from spam_optax import _numerics, _schedules, _tree, _validate
 
 
 class AdaptiveGradNormState(NamedTuple):
@@ -82,13 +82,13 @@ def adaptive_grad_norm(
     <https://arxiv.org/abs/2502.17055>`_, 2025 (AdaGN, Algorithm 1).
   """
   if not callable(b1):
-    _steps.check_beta("b1", b1)
-  _steps.check_beta("b2", b2)
-  _steps.check_non_negative("eps", eps)
-  _steps.check_interval("bias_correction_reset_interval", bias_correction_reset_interval)
+    _validate.check_beta("b1", b1)
+  _validate.check_beta("b2", b2)
+  _validate.check_non_negative("eps", eps)
+  _validate.check_int("bias_correction_reset_interval", bias_correction_reset_interval, 0)
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros([], _steps.stat_dtype(p.dtype))
+    zeros = lambda p: jnp.zeros([], _numerics.compute_dtype(p.dtype))
     return AdaptiveGradNormState(
         count=jnp.zeros([], jnp.int32),
         mu_norm=jax.tree.map(zeros, params),
@@ -97,7 +97,8 @@ def adaptive_grad_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    s = _steps.statistics_step(state.count, bias_correction_reset_interval)
+    s = _schedules.statistics_step(_schedules.update_index(state.count),
+                                   bias_correction_reset_interval)
     b1_t = b1(state.count) if callable(b1) else b1
 
     def leaf(g, m, v):
@@ -108,8 +109,8 @@ def adaptive_grad_norm(
       b1c = jnp.asarray(b1_t, dt)
       m_new = (b1c * m + (1 - b1c) * n).astype(dt)
       v_new = (b2 * v + (1 - b2) * n * n).astype(dt)
-      m_hat = m_new / (1 - _steps.power(b1c, s, dt))
-      v_hat = v_new / (1 - _steps.power(b2, s, dt))
+      m_hat = m_new / (1 - _numerics.power(b1c, s, dt))
+      v_hat = v_new / (1 - _numerics.power(b2, s, dt))
       c = m_hat / (jnp.sqrt(v_hat) + eps)
       factor = jnp.where(n > 0, c / jnp.where(n > 0, n, jnp.ones_like(n)), jnp.ones_like(n))
       return (g * factor).astype(g.dtype), m_new, v_new

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import chex
 import optax
 
@@ -11,6 +9,7 @@ from spam_optax import _validate
 from spam_optax._adam_reset import scale_by_adam_with_reset
 from spam_optax._schedules import reset_warmup_schedule
 from spam_optax._sparse import sparse_mask
+from spam_optax._weight_decay import add_decayed_weights
 
 
 def spam(
@@ -123,11 +122,8 @@ def spam(
           clip_threshold=threshold, clip_delay=clip_delay, rounding=rounding,
       ),
       optax.scale_by_schedule(reset_warmup_schedule(reset_interval, warmup_steps)),
+      add_decayed_weights(weight_decay),
   ]
-  # A literal 0 adds nothing; anything else (including a traced value under inject_hyperparams)
-  # keeps the transform, so init and update always build the same chain.
-  if not (isinstance(weight_decay, numbers.Number) and weight_decay == 0):
-    core.append(optax.add_decayed_weights(weight_decay))
   core = optax.chain(*core)
   if sparse:
     core = sparse_mask(core, density, reset_interval=reset_interval, key=key, leaves=sparse_leaves,

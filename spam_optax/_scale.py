@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from spam_optax import _validate
+from spam_optax._spike_monitor import layer_type
 
 
 def scale_by_column_norm(eps: float = 1e-8, axis: int = -1) -> optax.GradientTransformation:
@@ -41,9 +42,9 @@ def scale_by_column_norm(eps: float = 1e-8, axis: int = -1) -> optax.GradientTra
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _is_output_layer(path) -> bool:
-  names = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-  return any(s in names.lower() for s in ("lm_head", "output", "head"))
+def output_layer_mask(params):
+  """True for the leaves `layer_type` classes as the output layer (``"lm_head"``), else False."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: layer_type(path) == "lm_head", params)
 
 
 def scale(
@@ -70,15 +71,15 @@ def scale(
     eps: added to the column norms.
     axis: the axis normalised over (-1: the output dimension of Flax ``(in, out)`` kernels).
     momentum_leaves: pytree of bools or callable ``params -> bools`` choosing the leaves with
-      momentum; default: leaves whose path contains ``lm_head``, ``head`` or ``output``.
+      momentum; default: the output layer, the leaves that `layer_type` classes as ``"lm_head"``
+      (a path component ``lm_head``, ``head``, ``output`` or ``unembed``).
 
   References:
     Glentis, Li, Han, Hong, A Minimalist Optimizer Design for LLM Pretraining (SCALE), 2025.
   """
   _validate.check_beta("momentum", momentum)
   if momentum_leaves is None:
-    momentum_leaves = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: _is_output_layer(path), params)
+    momentum_leaves = output_layer_mask
   return optax.chain(
       scale_by_column_norm(eps, axis),
       optax.masked(optax.trace(decay=momentum), momentum_leaves),

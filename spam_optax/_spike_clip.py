@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _rounding, _schedules, _tree, _validate
+from spam_optax import _numerics, _rounding, _schedules, _tree, _validate
 
 
-def compute_dtype(dtype) -> jnp.dtype:
-  """Low-precision inputs are computed in float32 (float64 stays float64)."""
-  return jnp.promote_types(dtype, jnp.float32)
+def spikes(g: jax.Array, v: jax.Array, threshold, active=True) -> jax.Array:
+  """Where ``g² > θ v`` (SPEC §1.2): the entries SPAM clips; none when inactive or ``θ <= 0``."""
+  return active & (threshold > 0) & (g * g > threshold * v)
 
 
 def clip_spikes(g: jax.Array, v: jax.Array, threshold, active=True, nullify=False) -> jax.Array:
@@ -29,25 +29,28 @@ def clip_spikes(g: jax.Array, v: jax.Array, threshold, active=True, nullify=Fals
   not (NaN compares false) and passes through. ``nullify=True`` sets spiked entries to 0 instead
   (the paper's Appendix K ablation).
   """
-  spike = active & (threshold > 0) & (g * g > threshold * v)
+  spike = spikes(g, v, threshold, active)
   return jnp.where(spike, 0 if nullify else jnp.sign(g) * jnp.sqrt(threshold * v), g)
 
 
-def clipped_square(g: jax.Array, v: jax.Array, threshold, active=True) -> jax.Array:
-  """``clip_spikes(g, v, threshold, active) ** 2`` written as ``min(g², θ v)``.
-
-  Same value (to rounding), but a different expression: XLA cannot merge it with the clip inside
-  the first-moment update, so each moment update stays one fusion with no shared temporary.
-  """
-  g2 = g * g
-  return jnp.where(active & (threshold > 0), jnp.minimum(g2, threshold * v), g2)
+def count_spikes(g: jax.Array, v: jax.Array, threshold, active=True) -> jax.Array:
+  """int32: how many entries `clip_spikes` clips."""
+  return jnp.sum(spikes(g, v, threshold, active), dtype=jnp.int32)
 
 
 class SpikeClipState(NamedTuple):
-  """State of `spike_clip`: the update count and the raw EMA of the clipped squared gradient."""
+  """State of `spike_clip`.
 
-  count: chex.Array  # int32
+  Attributes:
+    count: int32, updates done so far (k - 1).
+    nu: the raw EMA of the clipped squared gradient, like the params.
+    num_clipped: int32, gradient entries clipped (or nullified) by the last update, over all
+      leaves; ``optax.tree.get(opt_state, "num_clipped")`` reads it from any enclosing state.
+  """
+
+  count: chex.Array
   nu: optax.Updates
+  num_clipped: chex.Array
 
 
 def spike_clip(
@@ -104,7 +107,8 @@ def spike_clip(
 
   def init_fn(params):
     nu = optax.tree.zeros_like(params, dtype=nu_dtype)
-    return SpikeClipState(count=jnp.zeros([], jnp.int32), nu=nu)
+    return SpikeClipState(count=jnp.zeros([], jnp.int32), nu=nu,
+                          num_clipped=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -113,15 +117,18 @@ def spike_clip(
     active = _schedules.clipping_active(k, reset_interval, clip_delay)
 
     def leaf(g, v, index):
-      dt = compute_dtype(g.dtype)
+      dt = _numerics.compute_dtype(g.dtype)
       v_old = jnp.where(reset, 0, v.astype(dt))
-      clipped = clip_spikes(g.astype(dt), v_old, threshold, active, nullify)
+      g_dt = g.astype(dt)
+      clipped = clip_spikes(g_dt, v_old, threshold, active, nullify)
       v_new = b2 * v_old + (1 - b2) * clipped * clipped
       v_new = _rounding.LeafRounder(rounding, state.count, index).store(
           v_new, v.dtype, _rounding.STREAM_NU)
-      return clipped.astype(g.dtype), v_new
+      return clipped.astype(g.dtype), v_new, count_spikes(g_dt, v_old, threshold, active)
 
-    clipped, nu = _tree.map_multi(leaf, updates, state.nu, _tree.leaf_indices(updates), n_out=2)
-    return clipped, SpikeClipState(count=optax.safe_increment(state.count), nu=nu)
+    clipped, nu, counts = _tree.map_multi(leaf, updates, state.nu, _tree.leaf_indices(updates),
+                                          n_out=3)
+    return clipped, SpikeClipState(count=optax.safe_increment(state.count), nu=nu,
+                                   num_clipped=_tree.sum_leaves(counts))
 
   return optax.GradientTransformation(init_fn, update_fn)

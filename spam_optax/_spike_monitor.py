@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spam_optax import _steps, _tree
+from spam_optax import _numerics, _schedules, _tree, _validate
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -93,14 +93,14 @@ def spike_monitor(
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training
     <https://arxiv.org/abs/2501.06842>`_, ICLR 2025 (Section 2 and Appendix P).
   """
-  _steps.check("threshold", threshold, lambda t: t > 0.0, "> 0")
-  _steps.check_beta("b2", b2)
-  _steps.check_interval("warmup", warmup, minimum=1)
-  nu_dtype = _steps.float_dtype_or_none("nu_dtype", nu_dtype)
+  _validate.check("threshold", threshold, lambda t: t > 0.0, "> 0")
+  _validate.check_beta("b2", b2)
+  _validate.check_int("warmup", warmup, 1)
+  nu_dtype = _validate.float_dtype_or_none("nu_dtype", nu_dtype)
 
   def init_fn(params):
     nu = jax.tree.map(
-        lambda p: jnp.zeros(p.shape, nu_dtype or _steps.stat_dtype(p.dtype)), params
+        lambda p: jnp.zeros(p.shape, nu_dtype or _numerics.compute_dtype(p.dtype)), params
     )
     return SpikeMonitorState(
         count=jnp.zeros([], jnp.int32),
@@ -112,15 +112,15 @@ def spike_monitor(
 
   def update_fn(updates, state, params=None):
     del params
-    k = _steps.global_step(state.count)  # 1-based index of this update
+    k = _schedules.update_index(state.count)  # 1-based index of this update
     active = k > jnp.asarray(warmup, jnp.int32)
 
     def leaf(g, nu, total, _, best):
       if g.size == 0:
         return nu, total, jnp.zeros([], jnp.int32), best
-      dt = _steps.stat_dtype(jnp.promote_types(g.dtype, nu.dtype))
+      dt = _numerics.compute_dtype(jnp.promote_types(g.dtype, nu.dtype))
       # 1 - b2**(k-1): the bias correction of the previous EMA (0 at k = 1, masked by `active`).
-      bc = 1 - _steps.power(b2, k - 1, dt)
+      bc = 1 - _numerics.power(b2, k - 1, dt)
       g2 = jnp.square(g.astype(dt))
       nu_prev = nu.astype(dt)
       # g² > θ · nu_prev / bc  <=>  g² · bc > θ · nu_prev  (no division; nu_prev = 0 spikes on g != 0)
@@ -196,18 +196,6 @@ _LEAF_ATTRS = {"value", "raw_value", "kernel", "bias", "scale", "weight", "w", "
 _HEAD_COMPONENTS = {"lm_head", "head", "output", "unembed", "unembedding", "lmhead", "out_head"}
 
 
-def _path_components(path) -> list[str]:
-  out = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        out.append(str(getattr(entry, attr)).lower())
-        break
-    else:
-      out.append(str(entry).lower())
-  return out
-
-
 def layer_type(path) -> str:
   """The LLaMA layer type of a parameter from its key path, by name rules on the path components.
 
@@ -235,7 +223,10 @@ def layer_type(path) -> str:
   Returns:
     One of ``"embedding"``, ``"attention"``, ``"ffn"``, ``"norm"``, ``"lm_head"``, ``"other"``.
   """
-  comps = _path_components(path) if not isinstance(path, str) else re.split(r"[./]", path.lower())
+  if isinstance(path, str):
+    comps = re.split(r"[./]", path.lower())
+  else:
+    comps = [jax.tree_util.keystr((entry,), simple=True).lower() for entry in path]
   # Leaf attribute names (nnx Variable's "value", Linear's "kernel", ...) say nothing about the layer.
   while len(comps) > 1 and comps[-1] in _LEAF_ATTRS:
     comps = comps[:-1]

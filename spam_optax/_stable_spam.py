@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import chex
-import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _rounding, _steps, _tree
+from spam_optax import _numerics, _rounding, _schedules, _tree, _validate
 from spam_optax._adaptive_clip import adaptive_spike_clip
 from spam_optax._adaptive_norm import adaptive_grad_norm
+from spam_optax._weight_decay import add_decayed_weights
 
 
 class ScaleByStableSpamAdamState(NamedTuple):
@@ -63,11 +63,11 @@ def stable_spam_momentum_scale(total_steps: int, eta_min: float = 0.5) -> optax.
     Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam
     <https://arxiv.org/abs/2502.17055>`_, 2025.
   """
-  _steps.check_interval("total_steps", total_steps, minimum=1)
-  _steps.check("eta_min", eta_min, lambda e: 0.0 <= e <= 1.0, "in [0, 1]")
+  _validate.check_int("total_steps", total_steps, 1)
+  _validate.check("eta_min", eta_min, lambda e: 0.0 <= e <= 1.0, "in [0, 1]")
 
   def schedule(count):
-    t = _steps.global_step(count)
+    t = _schedules.update_index(count)
     dtype = jnp.result_type(float)
     frac = t.astype(dtype) / (jnp.asarray(total_steps).astype(dtype) + 1)
     return eta_min + (1 - eta_min) * (1 + jnp.cos(jnp.pi * frac)) / 2
@@ -154,14 +154,14 @@ def scale_by_stable_spam_adam(
     Gupta et al., Deep Learning with Limited Numerical Precision, ICML 2015 (stochastic rounding).
   """
   if not callable(b1):
-    _steps.check_beta("b1", b1)
-  _steps.check_beta("b2", b2)
-  _steps.check_non_negative("eps", eps)
-  _steps.check_interval("reset_interval", reset_interval)
+    _validate.check_beta("b1", b1)
+  _validate.check_beta("b2", b2)
+  _validate.check_non_negative("eps", eps)
+  _validate.check_int("reset_interval", reset_interval, 0)
   if not isinstance(corrected_reset, bool):
     raise ValueError(f"corrected_reset must be a bool, got {corrected_reset!r}")
-  mu_dtype = _steps.float_dtype_or_none("mu_dtype", mu_dtype)
-  nu_dtype = _steps.float_dtype_or_none("nu_dtype", nu_dtype)
+  mu_dtype = _validate.float_dtype_or_none("mu_dtype", mu_dtype)
+  nu_dtype = _validate.float_dtype_or_none("nu_dtype", nu_dtype)
   _rounding.check_rounding(rounding)
 
   def init_fn(params):
@@ -173,16 +173,17 @@ def scale_by_stable_spam_adam(
 
   def update_fn(updates, state, params=None):
     del params
-    s = _steps.adam_step(state.count, reset_interval)
+    k = _schedules.update_index(state.count)
+    s = _schedules.adam_step(k, reset_interval)
     if corrected_reset:  # zero the moments before the reset update itself
-      start_fresh = _steps.is_reset_step(state.count, reset_interval)
+      start_fresh = _schedules.is_reset_update(k, reset_interval)
     else:  # official: the reset update used the old moments; the zeros apply from the next one
-      start_fresh = _steps.is_reset_step(state.count - 1, reset_interval) & (state.count > 0)
+      start_fresh = _schedules.is_reset_update(k - 1, reset_interval) & (k > 1)
     b1_t = b1(state.count) if callable(b1) else b1
 
     def leaf(g, mu, nu, index):
       # Arithmetic in the wider of the moment and gradient dtypes (float32 for bf16 everything).
-      dt = jnp.promote_types(_steps.stat_dtype(g.dtype), jnp.promote_types(mu.dtype, nu.dtype))
+      dt = jnp.promote_types(_numerics.compute_dtype(g.dtype), jnp.promote_types(mu.dtype, nu.dtype))
       b1c = jnp.asarray(b1_t, dt)
       gc = g.astype(dt)
       # One fusion per moment that reads and overwrites it in place, then one for u reading the
@@ -191,8 +192,8 @@ def scale_by_stable_spam_adam(
       nu_prev = jnp.where(start_fresh, jnp.zeros_like(nu), nu).astype(dt)
       m = b1c * mu_prev + (1 - b1c) * gc
       v = b2 * nu_prev + (1 - b2) * gc * gc
-      bc1 = 1 - _steps.power(b1c, s, dt)
-      bc2 = 1 - _steps.power(b2, s, dt)
+      bc1 = 1 - _numerics.power(b1c, s, dt)
+      bc2 = 1 - _numerics.power(b2, s, dt)
       u = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
       rounder = _rounding.LeafRounder(rounding, state.count, index)
       m = rounder.store(m, mu.dtype, _rounding.STREAM_MU)
@@ -311,15 +312,15 @@ def stable_spam(
     <https://arxiv.org/abs/2502.17055>`_, 2025.
   """
   if not callable(learning_rate):
-    _steps.check_non_negative("learning_rate", learning_rate)
-  _steps.check_beta("b1", b1)
-  _steps.check_beta("gamma1", gamma1)
-  _steps.check_beta("gamma2", gamma2)
-  _steps.check_beta("gamma3", gamma3)
-  _steps.check_non_negative("weight_decay", weight_decay)
-  _steps.check("eta_min", eta_min, lambda e: 0.0 <= e <= 1.0, "in [0, 1]")
+    _validate.check_non_negative("learning_rate", learning_rate)
+  _validate.check_beta("b1", b1)
+  _validate.check_beta("gamma1", gamma1)
+  _validate.check_beta("gamma2", gamma2)
+  _validate.check_beta("gamma3", gamma3)
+  _validate.check_non_negative("weight_decay", weight_decay)
+  _validate.check("eta_min", eta_min, lambda e: 0.0 <= e <= 1.0, "in [0, 1]")
   if total_steps is not None:
-    _steps.check_interval("total_steps", total_steps, minimum=1)
+    _validate.check_int("total_steps", total_steps, 1)
   if not isinstance(corrected_reset, bool):
     raise ValueError(f"corrected_reset must be a bool, got {corrected_reset!r}")
 
@@ -338,8 +339,7 @@ def stable_spam(
           b1_t, b2, eps, reset_interval=reset_interval, corrected_reset=corrected_reset,
           mu_dtype=mu_dtype, nu_dtype=nu_dtype, rounding=rounding,
       ),
+      add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
   ]
-  if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-    parts.append(optax.add_decayed_weights(weight_decay))
-  parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def map_multi(fn, tree, *rest, n_out: int):
@@ -21,3 +22,9 @@ def leaf_indices(tree):
   """A tree like `tree` whose leaves are their positions 0, 1, ... in `jax.tree.leaves(tree)`."""
   leaves, treedef = jax.tree.flatten(tree)
   return treedef.unflatten(list(range(len(leaves))))
+
+
+def sum_leaves(tree) -> jax.Array:
+  """The int32 sum of a tree of int32 scalars (0 for a tree without leaves)."""
+  return sum(jax.tree.leaves(tree), jnp.zeros([], jnp.int32))
+

@@ -221,3 +221,34 @@ def test_competitors_under_multisteps_count_real_updates():
                                                                 spam.SkipStepOnSpikesState)))
               if isinstance(x, (spam.ZClipState, spam.SkipStepOnSpikesState))]
     assert counts == [3]
+
+
+# optax/contrib/_common_test.py's test_optimizers_can_be_wrapped_in_inject_hyperparams, ported: the
+# injected optimizer must give the same updates *and the same state structure* as the plain one.
+INJECTABLE = [
+    ("spam", spam.spam, dict(learning_rate=1e-2)),
+    ("spam_wd", spam.spam, dict(learning_rate=1e-2, weight_decay=0.1)),
+    ("spam_wd0", spam.spam, dict(learning_rate=1e-2, weight_decay=0.0)),
+    ("stable_spam", spam.stable_spam, dict(learning_rate=1e-2)),
+    ("stable_spam_wd", spam.stable_spam, dict(learning_rate=1e-2, weight_decay=0.1)),
+    ("stable_spam_total", spam.stable_spam, dict(learning_rate=1e-2, total_steps=100)),
+]
+
+
+@pytest.mark.parametrize("name,factory,hparams", INJECTABLE, ids=[n for n, _, _ in INJECTABLE])
+def test_optimizers_can_be_wrapped_in_inject_hyperparams(name, factory, hparams):
+  import inspect
+  opt = factory(**hparams)
+  static_args = tuple(a for a in ("warmup_steps", "num_betas", "clip_value_fn", "ns_steps", "rank",
+                                  "update_proj_gap")
+                      if a in inspect.signature(factory).parameters)
+  opt_inject = optax.inject_hyperparams(factory, static_args)(**hparams)
+  params = [jnp.negative(jnp.ones((2, 3))), jnp.ones((2, 5, 2))]
+  grads = [jnp.ones((2, 3)), jnp.negative(jnp.ones((2, 5, 2)))]
+  state = jax.jit(opt.init)(params)
+  updates, new_state = jax.jit(opt.update)(grads, state, params)
+  state_inject = jax.jit(opt_inject.init)(params)
+  updates_inject, new_state_inject = jax.jit(opt_inject.update)(grads, state_inject, params)
+  chex.assert_trees_all_close(updates_inject, updates, rtol=1e-5)
+  assert jax.tree.structure(state_inject.inner_state) == jax.tree.structure(state)
+  chex.assert_trees_all_close(new_state_inject.inner_state, new_state, rtol=1e-5, atol=1e-5)

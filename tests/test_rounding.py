@@ -19,7 +19,7 @@ BF16 = dict(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
 
 def _adam_state(state):
   """The moment-holding state inside a spam / stable_spam chain."""
-  cls = (spam.ScaleByAdamWithResetState, spam.ScaleByStableSpamAdamState)
+  cls = (spam.ScaleByAdamWithResetState, spam.ScaleBySpamAdamState, spam.ScaleByStableSpamAdamState)
   found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
   return found[0]
 
