@@ -109,8 +109,6 @@ def spike_filter(mode: str, threshold: float, *, b2: float, reset_interval: int,
   return spam.spike_clip(threshold, b2=b2, reset_interval=reset_interval, clip_delay=clip_delay,
                          nullify=mode == "nullify")
 
-  return optax.GradientTransformation(init_fn, update_fn)
-
 
 def spam_unfused(cfg: Config, mode: str):
   """SPAM as the unfused chain of its documented pieces, with the spike rule ``clip`` or ``nullify``."""
@@ -168,7 +166,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
   """Trains one run and returns its record (final val loss/ppl, curves, state bytes, step time)."""
   fields = dict(model=spec.model, lr=spec.lr, seed=spec.seed, steps=spec.steps,
                 batch_size=batch_size, seq_len=seq_len, eval_batches=eval_batches, progress=False,
-                plot=False, log_spikes=True)
+                plot=False)
   fields.update(ROWS.get(spec.row, {}))
   fields.update(spec.overrides)
   cfg = Config(**fields)
@@ -182,7 +180,6 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
     tx, schedule = CUSTOM[spec.custom](cfg)
   else:
     tx, schedule = optimizers.build_optimizer(cfg)
-  spike_count = optimizers.spike_counter(cfg) if cfg.optimizer == "spam" else None
 
   model = quant_lib.quantize(models.make_model(model_cfg, seed=cfg.seed), cfg.quant,
                              cfg.quant_group_size)  # --quant: a quantized graphdef, float params
@@ -192,8 +189,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
   state_bytes = tree_bytes(opt_state)
   param_count = models.count_params(params)
   state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": opt_state}
-  train_step = jax.jit(make_train_step(cfg, graphdef, tx, schedule, spike_count,
-                                       model_cfg.vocab_size), donate_argnums=0)
+  train_step = jax.jit(make_train_step(cfg, graphdef, tx, schedule, model_cfg.vocab_size), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef))
 
   def evaluate(p) -> float:

@@ -18,9 +18,8 @@ Usage::
   python benchmarks/train_step.py --models 60m --vocab 32000 --batch-size 64 --seq-len 256
   python benchmarks/train_step.py --json results.json
 
-Variants: ``adam``, ``adamw`` (weight decay 0, as every published run), ``spam`` (spam_optax.spam,
-the training script's spike counter off), ``spam+count`` (with the spike-count diagnostic of the
-training script on, its default), ``spam_d0.25`` (sparse momentum, density 0.25), ``stable_spam``.
+Variants: ``adam``, ``adamw`` (weight decay 0, as every published run), ``spam`` (spam_optax.spam, which
+counts the entries it clips in its state), ``spam_d0.25`` (sparse momentum, density 0.25), ``stable_spam``.
 """
 
 from __future__ import annotations
@@ -49,9 +48,8 @@ from train.loop import build_training, make_mesh, model_config  # noqa: E402
 VARIANTS = {
     "adam": dict(optimizer="adam"),
     "adamw": dict(optimizer="adamw"),
-    "spam": dict(optimizer="spam", log_spikes=False),
-    "spam+count": dict(optimizer="spam", log_spikes=True),
-    "spam_d0.25": dict(optimizer="spam", density=0.25, log_spikes=False),
+    "spam": dict(optimizer="spam"),
+    "spam_d0.25": dict(optimizer="spam", density=0.25),
     "stable_spam": dict(optimizer="stable_spam"),
 }
 

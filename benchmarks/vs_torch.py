@@ -60,7 +60,7 @@ SMOKE = {"tiny": (64, 2, 16)}
 def jax_step(model: str, vocab: int, batch: int, seq: int, dtype: str, **changes):
   """(one train step as a no-arg callable, one fwd+bwd as one, compile seconds of the step)."""
   cfg = Config(model=model, batch_size=batch, seq_len=seq, steps=100_000, dtype=dtype,
-               optimizer="spam", log_spikes=False, progress=False, **changes)
+               optimizer="spam", progress=False, **changes)
   mesh = make_mesh(None)
   built = build_training(cfg, model_config(cfg, vocab), mesh)
   tokens = np.random.default_rng(0).integers(0, vocab, size=(batch, seq + 1)).astype(np.int32)
@@ -175,7 +175,7 @@ def memory(args) -> list[dict]:
     vocab, batch, seq = (64, 2, 16) if args.smoke else (32000, 16, 256)
     for scan, remat in itertools.product((True,) if args.smoke else (True, False),
                                          ("none", "block") if args.smoke else REMAT):
-      cfg = Config(model=model, batch_size=batch, seq_len=seq, optimizer="spam", log_spikes=False,
+      cfg = Config(model=model, batch_size=batch, seq_len=seq, optimizer="spam",
                    progress=False, dtype=args.dtype,
                    **dict(args.changes, remat=remat, scan_layers=scan))
       built = build_training(cfg, model_config(cfg, vocab), make_mesh(None))
@@ -202,7 +202,7 @@ def compile_depth(args) -> list[dict]:
   for scan in (True,) if args.smoke else (True, False):
     for layers in depths:
       cfg = Config(model=base, batch_size=2, seq_len=16 if args.smoke else 256, optimizer="spam",
-                   log_spikes=False, progress=False, scan_layers=scan)
+                   progress=False, scan_layers=scan)
       model_cfg = model_config(cfg, 64 if args.smoke else 32000).replace(num_layers=layers)
       built = build_training(cfg, model_cfg, make_mesh(None))
       batch_spec = {"tokens": jax.ShapeDtypeStruct((2, cfg.seq_len + 1), jnp.int32),

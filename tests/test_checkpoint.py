@@ -191,3 +191,21 @@ def test_every_optimizer_state_round_trips_through_a_checkpoint(tmp_path, name):
       a, b = jax.random.key_data(a), jax.random.key_data(b)
     assert a.shape == b.shape and a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_of_the_older_state_layout_is_refused_clearly(tmp_path):
+  """Before FORMAT 2, SPAM's state had no num_clipped: such a checkpoint fails with a clear error."""
+  import orbax.checkpoint as ocp
+  state = sparse_state()
+  old = jax.tree.map(lambda x: x, state)  # the same state without num_clipped, as written before
+  old["opt_state"] = optax.tree.set(old["opt_state"], num_clipped=None)
+  ckpt = Checkpointer(tmp_path / "ck", keep=0, async_save=False)
+  tree, impls = to_savable(old)
+  ckpt.manager.save(3, args=ocp.args.Composite(  # the meta of the older script: no "format"
+      state=ocp.args.StandardSave(tree),
+      meta=ocp.args.JsonSave({"compat": {"a": 1}, "step": 3, "key_impls": impls})))
+  ckpt.wait()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with pytest.raises(CheckpointError, match=r"state format 1, .* reads format 2: .*num_clipped"):
+    ckpt.restore(3, abstract, {"a": 1})
+  ckpt.close()

@@ -9,6 +9,9 @@ One checkpoint per step directory, with two items:
 * ``meta`` (JSON): the run config, a compatibility record (model, optimizer, data, batch...), the
   data position and library versions.
 
+The meta also records the layout version of the state (:data:`FORMAT`): a checkpoint written with
+another layout is refused with a message that says so, before anything is read.
+
 Orbax writes a checkpoint to a temporary directory and renames it when complete, so an interrupted
 save never looks like a checkpoint. Restoring checks the compatibility record and the stored shapes
 first; a mismatch or an unreadable file raises :class:`CheckpointError` naming the checkpoint's
@@ -25,15 +28,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+# The train state's layout. 2: SPAM's and spike_clip's states hold ``num_clipped`` (and
+# Stable-SPAM's chain a weight-decay stage at every value). Checkpoints without a format are 1.
+FORMAT = 2
+_CHANGES = {1: "SPAM's optimizer state has since gained num_clipped (the entries clipped by the "
+               "last update)"}
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored; the message names its path."""
 
 
 def _entry_name(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
+  return jax.tree_util.keystr((entry,), simple=True)
 
 
 def _is_key(x) -> bool:
@@ -137,7 +144,7 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return False
     tree, impls = to_savable(state)
-    meta = dict(meta, step=int(step), key_impls=impls)
+    meta = dict(meta, step=int(step), key_impls=impls, format=FORMAT)
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
 
@@ -169,6 +176,13 @@ class Checkpointer:
     """
     path = self.path(step)
     meta = self.read_meta(step)
+    written = meta.get("format", 1)
+    if written != FORMAT:
+      why = _CHANGES.get(written, "it was written by a newer version of this script")
+      raise CheckpointError(
+          f"checkpoint {path} was written with state format {written}, this training script reads "
+          f"format {FORMAT}: {why}. Resume it with the version of the repository that wrote it, or "
+          "start a new --workdir.")
     diffs = [f"{k}: checkpoint has {meta['compat'].get(k)!r}, this run has {v!r}"
              for k, v in compat.items() if meta["compat"].get(k) != v]
     if diffs:

@@ -89,7 +89,6 @@ class Config:
   seed: int = 0
   progress: bool = True
   plot: bool = True
-  log_spikes: bool = True  # count spike-clipped gradient entries (SPAM only; a cheap extra pass)
   spike_monitor: float = 0.0  # > 0: per-layer spike counts (score g²/v above it) and a report
   # Scale.
   mesh: str | None = None  # e.g. data=2,fsdp=4 (axes: data, fsdp, tensor); default: all on data

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -81,7 +80,8 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
     try:
       sizes[name] = int(value)
     except ValueError:
-      raise ConfigError(f"bad --mesh size {value!r} for axis {name}: expected a positive integer")
+      raise ConfigError(
+          f"bad --mesh size {value!r} for axis {name}: expected a positive integer") from None
     if sizes[name] < 1:
       raise ConfigError(f"--mesh axis {name} must have size >= 1, got {sizes[name]}")
   total = math.prod(sizes.values())
@@ -109,7 +109,7 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
 
 
 def _names(path) -> tuple[str, ...]:
-  return tuple(ckpt_lib._entry_name(e) for e in path)
+  return tuple(jax.tree_util.keystr((entry,), simple=True) for entry in path)
 
 
 def state_shardings(abstract_state, param_sh: dict, mesh: Mesh):
@@ -132,7 +132,8 @@ def state_shardings(abstract_state, param_sh: dict, mesh: Mesh):
       tail = names[start:]
       if tail in by_path and ranks[tail] == leaf.ndim:
         return NamedSharding(mesh, fit_spec(by_path[tail], leaf.shape, mesh))
-    if getattr(leaf, "ndim", 0) >= 1 and not ckpt_lib._is_key(leaf) and leaf.size >= 1 << 14:
+    is_key = jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    if getattr(leaf, "ndim", 0) >= 1 and not is_key and leaf.size >= 1 << 14:
       return NamedSharding(mesh, fit_spec(P(FSDP), leaf.shape, mesh))
     return replicated
 
@@ -173,7 +174,7 @@ def inject_spikes(cfg: Config, key: jax.Array, grads=None, tokens=None, vocab_si
 
 
 def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, schedule,
-                    spike_count: Callable | None, vocab_size: int):
+                    vocab_size: int):
   """``step(state, batch) -> (state, metrics)``: one optimizer update on one global batch."""
   spike_key = jax.random.fold_in(jax.random.key(cfg.seed), 0x5B1CE)
 
@@ -195,10 +196,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sch
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state["step"]), "injected": injected}
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    if spike_count is not None:
-      metrics["spikes"] = spike_count(grads, state["opt_state"], opt_state)
-    if cfg.spike_monitor > 0:
-      metrics.update(spike_report.step_counts_by_type(opt_state))
+    metrics.update(spike_report.step_metrics(opt_state))  # what the optimizer reports
     params = optax.apply_updates(state["params"], updates)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -293,7 +291,6 @@ def build_training(cfg: Config, model_cfg: models.LlamaConfig, mesh: Mesh) -> Tr
   Nothing is allocated or compiled here: that happens on the first call of ``init`` / the steps.
   """
   tx, schedule = optimizers.build_optimizer(cfg)
-  spike_count = optimizers.spike_counter(cfg)
   # --quant: the graphdef carries qwix's interception; the parameters are the float ones.
   abstract = quant_lib.quantize(models.abstract_model(model_cfg, mesh=mesh), cfg.quant,
                                 cfg.quant_group_size)
@@ -313,7 +310,7 @@ def build_training(cfg: Config, model_cfg: models.LlamaConfig, mesh: Mesh) -> Tr
   batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
-      make_train_step(cfg, graphdef, tx, schedule, spike_count, model_cfg.vocab_size),
+      make_train_step(cfg, graphdef, tx, schedule, model_cfg.vocab_size),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
       donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sharding),
@@ -335,7 +332,7 @@ def run(cfg: Config) -> RunResult:
   model_cfg = model_config(cfg, dataset.vocab_size)
   pi, pc = jax.process_index(), jax.process_count()
   built = build_training(cfg, model_cfg, mesh)
-  shardings, abstract_state = built.shardings, built.abstract_state
+  abstract_state = built.abstract_state
   batch_sharding = built.batch_sharding
   train_step, eval_step = built.train_step, built.eval_step
   num_params = models.count_params(abstract_state["params"])

@@ -1,4 +1,4 @@
-"""The optimizer menu, the paper's learning-rate schedule, and a spike-count diagnostic for SPAM.
+"""The optimizer menu and the paper's learning-rate schedule.
 
 =================  ===========================================================================
 ``spam``           ``spam_optax.spam`` (``--density`` < 1: sparse momentum on the projections)
@@ -25,7 +25,7 @@ decay to ``min_lr_ratio`` (10%) of the peak at ``schedule_steps``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,27 +43,14 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
       decay_steps=cfg.total_schedule_steps, end_value=cfg.lr * cfg.min_lr_ratio)
 
 
-def _key_name(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def projection_mask(params) -> Any:
   """True for the attention / MLP projection kernels, False for embeddings, norms and the head."""
 
   def is_projection(path, _):
-    names = [_key_name(p) for p in path]
+    names = [jax.tree_util.keystr((entry,), simple=True) for entry in path]
     return any(n in PROJECTIONS for n in names) and names[-1] == "kernel"
 
   return jax.tree_util.tree_map_with_path(is_projection, params)
-
-
-def output_layer_mask(params) -> Any:
-  """True for the untied output head (``lm_head``), the one leaf SCALE gives momentum."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: bool(path) and _key_name(path[0]) == "lm_head", params)
 
 
 def _import_spam():
@@ -158,59 +145,6 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
                   mask=projection_mask), sched
   if name == "scale":
     spam = _import_spam()
-    return spam.scale(sched, momentum_leaves=output_layer_mask), sched
+    return spam.scale(sched), sched  # momentum on the output layer (lm_head)
   raise ConfigError(f"unknown optimizer {name!r}")
 
-
-def _find_state(tree, cls):
-  """The first node of type `cls` in an optimizer state, or None."""
-  found = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, cls))
-           if isinstance(x, cls)]
-  return found[0] if found else None
-
-
-def spike_counter(cfg: Config) -> Callable[[Any, Any, Any], jax.Array] | None:
-  """``count(grads, state_before, state_after) -> int32``: gradient entries SPAM clipped.
-
-  A diagnostic computed beside the optimizer (``spam.spam`` does not report it), from SPAM's public
-  state (``ScaleByAdamWithResetState``: the raw second moment ``v``) and the clipping rule of the
-  SPEC: while clipping is active (outside the ``clip_delay`` windows; ``v = 0`` on a reset update),
-  an entry is clipped when ``g² > θ v`` against the previous ``v``.
-
-  * Dense leaves (``v`` shaped like the gradient): counted exactly from ``g`` and ``v``.
-  * Sparse leaves (``--density`` < 1: ``v`` holds only the current random subset, as a compact
-    vector whose indices the library does not expose): a clipped entry enters ``v`` as exactly
-    ``θ v_old``, so it is recovered from the moment update, ``g̃² = (v_new - β2 v_old) / (1 - β2)``,
-    as ``g̃² ≥ θ v_old (1 - tol)`` with ``v_old > 0``. ``tol`` is a few ulps of ``v``'s dtype: exact
-    up to entries within ~1e-5 (float32) below the threshold; coarse with a bfloat16 ``v``.
-
-  None for optimizers other than SPAM or with ``--log-spikes false``.
-  """
-  if cfg.optimizer != "spam" or not cfg.log_spikes:
-    return None
-  spam = _import_spam()
-  theta, interval, delay, b2 = cfg.threshold, cfg.reset_interval, cfg.clip_delay, cfg.b2
-
-  def count(grads, before, after):
-    old = _find_state(before, spam.ScaleByAdamWithResetState)
-    new = _find_state(after, spam.ScaleByAdamWithResetState)
-    if old is None or new is None:
-      raise ValueError("spike counter: no ScaleByAdamWithResetState in the SPAM state")
-    k = old.count.astype(jnp.int32) + 1
-    reset = k % interval == 0
-    active = (k >= delay) & (k % interval >= delay) & (theta > 0)
-    g_leaves, treedef = jax.tree_util.tree_flatten(grads)
-    total = jnp.zeros([], jnp.int32)
-    for g, v0, v1 in zip(g_leaves, treedef.flatten_up_to(old.nu), treedef.flatten_up_to(new.nu)):
-      dt = jnp.promote_types(g.dtype, jnp.float32)
-      v_old = jnp.where(reset, 0, v0.astype(dt))
-      if v0.shape == g.shape:
-        g = g.astype(dt)
-        total += jnp.sum(g * g > theta * v_old, dtype=jnp.int32)
-      else:
-        clipped_sq = (v1.astype(dt) - b2 * v_old) / (1 - b2)
-        tol = 64 * float(jnp.finfo(v0.dtype).eps)
-        total += jnp.sum((v_old > 0) & (clipped_sq >= theta * v_old * (1 - tol)), dtype=jnp.int32)
-    return jnp.where(active, total, 0)
-
-  return count

@@ -1,4 +1,7 @@
-"""Per-layer gradient-spike diagnostics of a run: the spike_monitor's counts, logged and reported.
+"""The run's gradient-spike numbers, all read from the optimizer state; the per-layer report.
+
+Every train step logs ``spikes``: the gradient entries the optimizer's spike clip clipped in that
+update (SPAM's ``num_clipped``, counted by the library), whenever its state has one.
 
 With ``--spike-monitor θ`` the optimizer is ``chain(spam.spike_monitor(θ), optimizer)``. Each train
 step reports the spikes of that step per layer type (metrics.jsonl: ``spikes_<type>``); at every log
@@ -15,8 +18,24 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import spam_optax as spam
+
+
+def step_metrics(opt_state) -> dict[str, jax.Array]:
+  """Inside the jitted step: this update's spike numbers, as int32 scalars.
+
+  ``spikes`` (entries clipped, from the state's ``num_clipped``) when the optimizer clips spikes;
+  ``spikes_<layer type>`` when it has a ``spike_monitor``.
+  """
+  out = {}
+  clipped = optax.tree.get(opt_state, "num_clipped")
+  if clipped is not None:
+    out["spikes"] = clipped
+  if optax.tree.get(opt_state, "SpikeMonitorState") is not None:
+    out.update(step_counts_by_type(opt_state))
+  return out
 
 
 def step_counts_by_type(opt_state) -> dict[str, jax.Array]:
@@ -28,7 +47,7 @@ def step_counts_by_type(opt_state) -> dict[str, jax.Array]:
 
 def tensor_name(path) -> str:
   """``layers/0/attn/q_proj/kernel`` for a key path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def per_tensor_totals(opt_state) -> dict[str, int]:

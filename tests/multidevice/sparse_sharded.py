@@ -103,8 +103,7 @@ from train.config import Config  # noqa: E402
 
 temps = {}
 for density in (1.0, 0.25):
-  cfg = Config(model="tiny", density=density, batch_size=8, seq_len=32, mesh="fsdp=4,tensor=2",
-               log_spikes=False)
+  cfg = Config(model="tiny", density=density, batch_size=8, seq_len=32, mesh="fsdp=4,tensor=2")
   training = loop.build_training(cfg, loop.model_config(cfg, 256), loop.make_mesh(cfg.mesh))
   batch = {"tokens": jax.ShapeDtypeStruct((8, 33), jnp.int32, sharding=training.batch_sharding),
            "weights": jax.ShapeDtypeStruct((8, 32), jnp.float32, sharding=training.batch_sharding)}
