@@ -301,6 +301,8 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
   """
   b, t, h, d = q.shape
   s, kv = k.shape[1], k.shape[2]
+  if s != t:  # the mask below is self-attention's (query i sees keys 0..i)
+    raise ValueError(f"heads_major_attention needs keys as long as the queries, got {s} and {t}")
   g = h // kv
   # [B, T, K·G, D] -> [B·K, G·T, D]: query head h belongs to kv head h // G (HF's repeat_kv order).
   qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, d)
