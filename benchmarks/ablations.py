@@ -116,7 +116,7 @@ def main(argv=None):
     for seed in range(args.seeds):
       for g in groups:
         entries = ABLATIONS[g][1:2] if args.smoke else ABLATIONS[g]
-        for label, overrides, custom in entries:
+        for _label, overrides, custom in entries:
           spec, rec = lookup(seed, overrides, custom)
           if rec is None:
             q.execute(store, spec, args, f"{g}: ")

@@ -25,7 +25,7 @@ if __name__ == "__main__":  # before jax starts: 8 CPU devices unless the caller
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 _COLLECTIVE = re.compile(
     r"=\s*(\S+|\([^=]*?\))\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"

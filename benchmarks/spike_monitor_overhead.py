@@ -15,7 +15,6 @@ import os
 import platform
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import spam_optax as spam

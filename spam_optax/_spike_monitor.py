@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spam_optax import _numerics, _schedules, _tree, _validate
+from spam_optax import _numerics, _schedules, _tree, _validate, _xla_cpu
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -134,9 +134,9 @@ def spike_monitor(
       )
       n = jnp.where(active, n, 0)
       step_max = jnp.where(active, step_max, 0).astype(jnp.float32)
-      # The EMA update reads nu and overwrites it in place; adding min(n, 0) (always 0, but not
-      # known to XLA) orders it after the reduction that also reads nu, so nu is not copied.
-      nu_new = (b2 * nu_prev + (1 - b2) * g2 + jnp.minimum(n, 0).astype(dt)).astype(nu.dtype)
+      # The EMA update reads nu and overwrites it in place, ordered after the reduction that also
+      # reads nu, so nu is not copied (see _xla_cpu).
+      nu_new = (b2 * nu_prev + (1 - b2) * g2 + _xla_cpu.zero_after(n, dt)).astype(nu.dtype)
       total = jnp.where(total > _INT32_MAX - n, _INT32_MAX, total + n).astype(jnp.int32)
       return nu_new, total, n, jnp.maximum(best, step_max)
 

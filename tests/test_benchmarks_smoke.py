@@ -6,7 +6,6 @@ steps of the tiny model on short sequences, in-process, and must print its table
 
 import math
 
-import pytest
 
 from benchmarks import ablations, bf16_state_quality, quality, quant_quality, spikes
 
@@ -64,7 +63,6 @@ def test_bf16_state_quality_smoke(tmp_path, capsys):
 
 def test_nullify_zeroes_what_clip_clips():
   import jax.numpy as jnp
-  import optax
   g0 = {"w": jnp.full((4,), 1.0)}
   spike = {"w": jnp.array([1.0, 1.0, 1e4, -1e4])}
   outs = {}

@@ -1,7 +1,6 @@
 """benchmarks/device_check.sh --smoke: every stage of the GPU check runs on CPU and reports."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The compiled SPAM step must not copy its moment buffers (PERFORMANCE-NOTES.md).
+"""The compiled SPAM step must not copy its moment buffers; the rewrites in spam_optax/_xla_cpu.py
+that ensure it (and AdaClip's abs_max) keep doing their job.
 
 XLA inserts a full-size copy of v when the m update (which reads the old v) is not ordered before
 the in-place v update. That costs ~10% of a step per leaf and comes back silently with small
@@ -48,3 +49,12 @@ def test_the_check_detects_copies():
     return optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p), update)
 
   assert full_size_copies(naive(), PARAMS) != []
+
+
+def test_abs_max_does_not_materialise_abs():
+  """AdaClip's max|g| (spam_optax._xla_cpu.abs_max): no full-size |g| in the compiled reduction."""
+  from spam_optax import _xla_cpu
+  hlo = jax.jit(_xla_cpu.abs_max).lower(jnp.ones((256, 64))).compile().as_text()
+  assert not re.findall(r"f32\[256,64\]\S* abs\(", hlo)
+  naive = jax.jit(lambda g: jnp.max(jnp.abs(g))).lower(jnp.ones((256, 64))).compile().as_text()
+  assert re.findall(r"f32\[256,64\]\S* abs\(", naive)  # the check sees the naive form's |g|
