@@ -52,6 +52,10 @@ def spam(
                 optax.scale_by_schedule(spam.reset_warmup_schedule(ΔT, N)),
                 optax.scale_by_learning_rate(lr))
 
+  The state reports how many gradient entries the last update clipped, summed over leaves (int32,
+  on the subsets for sparse leaves): ``optax.tree.get(state, "num_clipped")``, also through
+  ``optax.MultiSteps`` and ``optax.inject_hyperparams``.
+
   With ``density < 1`` the moments exist only for a random subset of each sparse leaf
   (`sparse_mask`), re-drawn at every reset; the other entries are not updated.
 
@@ -74,6 +78,8 @@ def spam(
     >>> params = {"w": jnp.ones((3, 2))}
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state, params)
+    >>> optax.tree.get(state, "num_clipped")  # gradient entries clipped by the last update
+    Array(0, dtype=int32)
     >>> sparse = spam.spam(4e-3, density=0.25, key=jax.random.key(0))
     >>> half = spam.spam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)  # 4 bytes/param
 

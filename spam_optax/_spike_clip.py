@@ -78,9 +78,17 @@ def spike_clip(
   ``reset_interval`` its ``v`` equals Adam's, which is why `spam` fuses the two instead of storing
   ``v`` twice.
 
+  Its state counts the entries clipped by the last update (``num_clipped``, int32, over all leaves).
+
   Example:
-    >>> import optax, spam_optax as spam
+    >>> import jax.numpy as jnp, optax, spam_optax as spam
     >>> tx = optax.chain(spam.spike_clip(5000.0), optax.sgd(1e-2))
+    >>> clip = spam.spike_clip(5000.0, reset_interval=100, clip_delay=2)
+    >>> state = clip.init(jnp.zeros(3))
+    >>> g, state = clip.update(jnp.ones(3), state)  # k = 1 < clip_delay: v = 0.001
+    >>> g, state = clip.update(jnp.array([1.0, -1.0, 100.0]), state)  # 100² > θ v = 5
+    >>> print(g, int(optax.tree.get(state, "num_clipped")))
+    [ 1.       -1.        2.236068] 1
 
   Args:
     threshold: θ, the spike threshold on ``g² / v``; 0 disables clipping.
