@@ -96,8 +96,11 @@ for density in (0.25, 0.1):
 print("trajectory on fsdp=4,tensor=2 == one device", flush=True)
 
 # A training step's temporaries: beyond dense SPAM's, at most the compact update of the sparse
-# leaves (XLA does not fuse Adam's sqrt and divide into the broadcasting expansion), and mostly
-# not even that: it takes buffers the step has freed.
+# leaves (XLA does not fuse Adam's sqrt and divide into the broadcasting expansion) and their
+# compact gradient (gathered once for its three readers: the two moment updates and the clip
+# count, num_clipped). Measured at the commit that added the count: sparse 2,319,248 bytes
+# (2,319,504 before it), dense 2,255,504 (2,310,544 before: ordering v's update after the count
+# saved a buffer), so the sparse step is no larger than before; the dense baseline shrank.
 from train import loop, optimizers  # noqa: E402
 from train.config import Config  # noqa: E402
 
@@ -113,7 +116,7 @@ params = training.abstract_state["params"]
 sparse_leaves = [p for p, sel in zip(jax.tree.leaves(params),
                                      jax.tree.leaves(optimizers.projection_mask(params))) if sel]
 compact_update = 0.25 * bytes_per_device(sparse_leaves)
-assert temps[0.25] <= temps[1.0] + compact_update, (temps, compact_update)
+assert temps[0.25] <= temps[1.0] + 2 * compact_update, (temps, compact_update)
 print(f"train step temporaries: dense {temps[1.0]:,}, d=0.25 {temps[0.25]:,} "
       f"(compact update {compact_update:,.0f})")
 print("OK")
