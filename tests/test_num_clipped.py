@@ -34,7 +34,7 @@ def nu_leaves(state):
 def test_spam_counts_exactly_the_entries_it_clips(density):
   """Truth: the entries whose clipped g² changed v, against the same update with θ = 0."""
   kw = dict(SMALL, density=density, key=jax.random.key(0))
-  tx, no_clip = spam.spam(1e-2, threshold=50.0, **kw), spam.spam(1e-2, threshold=0.0, **kw)
+  tx, no_clip = spam.spam(1e-2, threshold=50.0, count_clipped=True, **kw), spam.spam(1e-2, threshold=0.0, count_clipped=True, **kw)
   state = tx.init(PARAMS)
   update, no_clip_update = jax.jit(tx.update), jax.jit(no_clip.update)
   counted, truth = [], []
@@ -50,7 +50,7 @@ def test_spam_counts_exactly_the_entries_it_clips(density):
 
 
 def test_standalone_spike_clip_in_a_chain_counts_the_same():
-  fused = spam.spam(1e-2, threshold=50.0, **SMALL)
+  fused = spam.spam(1e-2, threshold=50.0, count_clipped=True, **SMALL)
   chain = optax.chain(
       spam.spike_clip(50.0, reset_interval=40, clip_delay=3),
       spam.scale_by_adam_with_reset(reset_interval=40, eps=1e-6),
@@ -65,9 +65,9 @@ def test_standalone_spike_clip_in_a_chain_counts_the_same():
 
 def test_readable_through_multisteps_and_inject_hyperparams():
   grads = grads_sequence(24)
-  ref = spam.spam(1e-2, threshold=50.0, **SMALL)
+  ref = spam.spam(1e-2, threshold=50.0, count_clipped=True, **SMALL)
   rs = ref.init(PARAMS)
-  ms = optax.MultiSteps(spam.spam(1e-2, threshold=50.0, **SMALL), every_k_schedule=2)
+  ms = optax.MultiSteps(spam.spam(1e-2, threshold=50.0, count_clipped=True, **SMALL), every_k_schedule=2)
   s = ms.init(PARAMS)
   for i, g in enumerate(grads):
     _, s = ms.update(g, s, PARAMS)
@@ -76,7 +76,7 @@ def test_readable_through_multisteps_and_inject_hyperparams():
       _, rs = ref.update(mean, rs, PARAMS)
     assert int(optax.tree.get(s, "num_clipped")) == int(optax.tree.get(rs, "num_clipped"))
   inj = optax.inject_hyperparams(spam.spam, static_args=("warmup_steps",))(
-      learning_rate=1e-2, threshold=50.0, **SMALL)
+      learning_rate=1e-2, threshold=50.0, count_clipped=True, **SMALL)
   si, sp = inj.init(PARAMS), ref.init(PARAMS)
   for g in grads:
     _, si = jax.jit(inj.update)(g, si, PARAMS)
@@ -84,5 +84,6 @@ def test_readable_through_multisteps_and_inject_hyperparams():
     assert int(optax.tree.get(si, "num_clipped")) == int(optax.tree.get(sp, "num_clipped"))
 
 
-def test_a_plain_adam_with_reset_has_no_count():
+def test_no_count_unless_asked_for():
   assert optax.tree.get(spam.scale_by_adam_with_reset().init(PARAMS), "num_clipped") is None
+  assert optax.tree.get(spam.spam(1e-2).init(PARAMS), "num_clipped") is None

@@ -89,7 +89,7 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
         b1=cfg.b1, b2=cfg.b2, threshold=cfg.threshold, reset_interval=cfg.reset_interval,
         warmup_steps=cfg.reset_warmup, clip_delay=cfg.clip_delay, weight_decay=cfg.weight_decay,
         mu_dtype=mu_dtype, nu_dtype=mu_dtype, restart_bias_correction=cfg.restart_bias_correction,
-        rounding=cfg.state_rounding)
+        rounding=cfg.state_rounding, count_clipped=True)  # the spikes the metrics report
     if cfg.density < 1:
       kwargs.update(density=cfg.density, key=jax.random.key(cfg.seed), sparse_leaves=projection_mask)
     try:
