@@ -91,7 +91,6 @@ def _flat_index(shape) -> jax.Array:
   return index
 
 
-_MATERIALIZE_OFFSETS = False  # A/B switch, decided by benchmarks/optimizer_update.py
 _UNROLL = 16  # strata of up to this many entries select with a chain of selects (d >= ~1/16)
 
 
@@ -162,8 +161,6 @@ class Strata(NamedTuple):
       take_tail = paired & (_unit(hash32(index, seed_tail)) < c / (c * q + r))
       offsets = jnp.where(take_tail, q, offsets)
     offsets = offsets.astype(_small_int(q))
-    if _MATERIALIZE_OFFSETS:
-      offsets = jnp.max(jnp.stack([offsets, jnp.zeros_like(offsets)]), axis=0)
     return cls(shape, k, offsets, pairing)
 
   @property
