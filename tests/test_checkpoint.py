@@ -25,7 +25,7 @@ FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "4", "--eval-batch
 
 def sparse_state():
   params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(3)}
-  tx = spam.spam(1e-3, density=0.5, key=jax.random.key(42))
+  tx = spam.spam(1e-3, density=0.5, key=jax.random.key(42), count_clipped=True)  # as train
   return {"step": jnp.asarray(3, jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
