@@ -16,11 +16,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("args", [
     ["-m", "benchmarks.optimizer_update", "--small", "--repeats", "1"],
     ["-m", "benchmarks.spike_monitor_overhead", "--small", "--repeats", "1"],
+    ["-m", "benchmarks.sparse_parts", "--small", "--repeats", "1"],
     ["benchmarks/train_step.py", "--models", "tiny", "--variants", "adamw,spam", "--steps", "1",
      "--repeats", "1", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
      "--peak-flops", "1e12"],
     ["-m", "benchmarks.gss_analysis", "--steps", "3", "--batch-size", "2", "--seq-len", "16"],
-], ids=["optimizer_update", "spike_monitor_overhead", "train_step", "gss_analysis"])
+], ids=["optimizer_update", "spike_monitor_overhead", "sparse_parts", "train_step", "gss_analysis"])
 def test_benchmark_script_runs(args, tmp_path):
   if "gss_analysis" in args[1]:
     args = args + ["--out", str(tmp_path)]
