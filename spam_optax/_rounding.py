@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ROUNDINGS = ("stochastic", "nearest")
 
@@ -67,6 +66,17 @@ def rounds(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
 
 
+def flat_index(shape) -> jax.Array:
+  """uint32 row-major flat index (modulo 2**32) of every position of `shape`, from one iota per
+  axis: XLA partitions an iota along any sharding, where a reshaped 1-D arange would be gathered."""
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(
+        stride & 0xFFFFFFFF)
+    stride *= shape[axis]
+  return index
+
+
 def random_bits(shape, count: jax.Array, leaf_index: int) -> jax.Array:
   """uint32 bits, one per entry of `shape`: a hash of (count, leaf_index, flat position).
 
@@ -75,13 +85,7 @@ def random_bits(shape, count: jax.Array, leaf_index: int) -> jax.Array:
   seed = hash32(jnp.asarray(count).astype(jnp.uint32),
                 jnp.uint32((int(leaf_index) * 0x2545F491 + _SALT) & 0xFFFFFFFF))
   seed = hash32(seed, jnp.uint32(_SALT))
-  if not shape:
-    position = jnp.zeros((), jnp.uint32)
-  else:
-    strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]  # row-major flat index
-    position = sum(
-        jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(int(s) & 0xFFFFFFFF)
-        for d, s in enumerate(strides))
+  position = flat_index(shape)
   return hash32(position, seed)
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import optax
 
 from spam_optax import _schedules, _validate
-from spam_optax._rounding import hash32
+from spam_optax._rounding import flat_index, hash32
 
 
 class SparseMaskState(NamedTuple):
@@ -79,16 +79,6 @@ def is_sparse(shape, selected: bool) -> bool:
 def _unit(bits: jax.Array) -> jax.Array:
   """uint32 -> float32 uniform in [0, 1) from the top 24 bits."""
   return (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
-
-
-def _flat_index(shape) -> jax.Array:
-  """uint32 row-major flat index of every position of `shape`, from per-axis iotas (an iota per
-  axis partitions on any sharding; a reshaped 1-D arange would not)."""
-  index, stride = jnp.zeros(shape, jnp.uint32), 1
-  for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-    stride *= shape[axis]
-  return index
 
 
 _UNROLL = 16  # strata of up to this many entries select with a chain of selects (d >= ~1/16)
@@ -149,7 +139,7 @@ class Strata(NamedTuple):
       raise ValueError(f"a sparse leaf's compact state must have fewer than 2**31 entries: {shape}")
     g, c, q, r = cls.blocks(shape, k)
     seed_main, seed_tail, pairing_bits = jax.random.bits(key, (3,), jnp.uint32)
-    index = _flat_index(compact)
+    index = flat_index(compact)
     offsets = jnp.floor(_unit(hash32(index, seed_main)) * q).astype(jnp.int32)
     offsets = jnp.minimum(offsets, q - 1)
     pairing = (pairing_bits % jnp.uint32(c)).astype(jnp.int32)
