@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import spam_optax as spam
+from _jit_steps import jitted_steps
 from spam_optax import _rounding
 
 N = 10_000  # entries
@@ -156,21 +157,8 @@ def test_float32_state_compiles_to_the_same_program_either_way():
                                                     reset_interval=3, warmup_steps=1, clip_delay=1)],
                          ids=["spam", "stable_spam", "spam_sparse"])
 def test_jit_does_not_recompile_and_state_dtypes_do_not_drift(make):
-  chex.clear_trace_counter()
-  tx = make()
   p = {"w": jnp.ones((8, 8), jnp.bfloat16), "b": jnp.ones(8, jnp.float32)}
-  state = tx.init(p)
-  dtypes = jax.tree.map(lambda x: x.dtype, state)
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(p, state):
-    u, state = tx.update(p, state, p)
-    return optax.apply_updates(p, u), state
-
-  for _ in range(7):  # crosses resets
-    p, state = step(p, state)
-  chex.assert_trees_all_equal(jax.tree.map(lambda x: x.dtype, state), dtypes)
+  p, state, _ = jitted_steps(make(), p, 7)  # crosses resets
   moments = _adam_state(state)
   assert {x.dtype for x in jax.tree.leaves((moments.mu, moments.nu))} == {jnp.dtype(jnp.bfloat16)}
   assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(p))
