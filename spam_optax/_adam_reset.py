@@ -76,8 +76,9 @@ def scale_by_adam_with_reset(
   With ``clip_threshold = θ`` the gradient is first clipped element-wise against the previous
   raw ``v`` exactly as `spike_clip` does (``g² > θ v  ->  sign(g) sqrt(θ v)``, off during the
   ``clip_delay`` windows and for θ = 0). That fuses SPAM's clip and Adam over one shared ``v``:
-  `spam` uses it, so its state holds one ``m`` and one ``v`` per parameter, and the state (a
-  `ScaleBySpamAdamState`) counts the clipped entries in ``num_clipped`` as `spike_clip` does.
+  `spam` uses it, so its state holds one ``m`` and one ``v`` per parameter; with
+  ``count_clipped=True`` the state (a `ScaleBySpamAdamState`) also counts the clipped entries in
+  ``num_clipped`` as `spike_clip` does.
 
   **Low-precision state.** The moments are computed in float32 (at least) and rounded once when
   stored. With a ``mu_dtype`` / ``nu_dtype`` narrower than float32 (e.g. bfloat16) the default
@@ -135,7 +136,7 @@ def scale_by_adam_with_reset(
   _validate.check_beta("b2", b2)
   _validate.check("eps", eps, lambda x: x >= 0, ">= 0")
   _validate.check_int("reset_interval", reset_interval, 1)
-  fused_clip = clip_threshold is not None and count_clipped  # the state counts the clips
+  counting = clip_threshold is not None and count_clipped  # the state holds num_clipped
   if clip_threshold is not None:
     _validate.check("clip_threshold", clip_threshold, lambda x: x >= 0, ">= 0")
   threshold = 0.0 if clip_threshold is None else clip_threshold
@@ -148,7 +149,7 @@ def scale_by_adam_with_reset(
     count = jnp.zeros([], jnp.int32)
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
     nu = optax.tree.zeros_like(params, dtype=nu_dtype)
-    if fused_clip:
+    if counting:
       return ScaleBySpamAdamState(count=count, mu=mu, nu=nu, num_clipped=jnp.zeros([], jnp.int32))
     return ScaleByAdamWithResetState(count=count, mu=mu, nu=nu)
 
@@ -168,11 +169,11 @@ def scale_by_adam_with_reset(
       v_old = jnp.where(reset, 0, v.astype(dt))
       g = g.astype(dt)
       m_new = b1 * m_old + (1 - b1) * clip_spikes(g, v_old, threshold, active)
-      n = count_spikes(g, v_old, threshold, active) if fused_clip else None
+      n = count_spikes(g, v_old, threshold, active) if counting else None
       # v's update reads the clipped g² as min(g², θ v) and is ordered after the other readers of
       # the old v (m's update, the count), so that v is overwritten in place (see _xla_cpu).
       v_old_after = v_old + _xla_cpu.zero_after(m_new, dt)
-      if fused_clip:
+      if counting:
         v_old_after = v_old_after + _xla_cpu.zero_after(n, dt)
       v_new = b2 * v_old_after + (1 - b2) * _xla_cpu.clipped_square(g, v_old, threshold, active)
       u = scale * m_new / (jnp.sqrt(v_new) + eps)
@@ -185,7 +186,7 @@ def scale_by_adam_with_reset(
     u, mu, nu, counts = _tree.map_multi(leaf, updates, state.mu, state.nu,
                                         _tree.leaf_indices(updates), n_out=4)
     count = optax.safe_increment(state.count)
-    if fused_clip:
+    if counting:
       return u, ScaleBySpamAdamState(count=count, mu=mu, nu=nu,
                                      num_clipped=_tree.sum_leaves(counts))
     return u, ScaleByAdamWithResetState(count=count, mu=mu, nu=nu)
