@@ -38,7 +38,9 @@ from flax import nnx
 import spam_optax as spam
 from spam_optax._spike_monitor import LAYER_TYPES
 from models.llama import CONFIGS, make_model
-from train.data import ByteTokenizer, WindowSampler, read_embedded_corpus
+from train.data import window_batches
+from train.sources import read_embedded_corpus
+from train.tokenizers import ByteTokenizer
 
 TABLE4 = {  # the paper's Table 4 (LLaMA-60M, C4, Adam, 1000 steps): spikes, params
     "embedding": (11954001, 16384000),
@@ -54,7 +56,7 @@ def build(args):
   model = make_model(cfg, seed=args.seed)
   graphdef, params = nnx.split(model, nnx.Param)
   tokens = ByteTokenizer().encode(read_embedded_corpus())
-  sampler = WindowSampler(tokens, args.seq_len, seed=args.seed)
+  batches = window_batches(tokens, args.seq_len, args.seed, args.batch_size)  # [s]: step s
 
   def loss_fn(params, batch):
     logits = nnx.merge(graphdef, params)(batch[:, :-1]).astype(jnp.float32)
@@ -64,7 +66,7 @@ def build(args):
       [optax.linear_schedule(0.0, args.lr, args.warmup), optax.cosine_decay_schedule(
           args.lr, max(args.steps - args.warmup, 1), alpha=0.1)], [args.warmup])
   tx = optax.chain(spam.spike_monitor(threshold=50.0), optax.adam(lr))
-  return cfg, params, sampler, loss_fn, tx
+  return cfg, params, batches, loss_fn, tx
 
 
 def main():
@@ -82,7 +84,7 @@ def main():
                       help="directory for the recorded gradients (default: a temp dir, removed)")
   args = parser.parse_args()
 
-  cfg, params, sampler, loss_fn, tx = build(args)
+  cfg, params, batches, loss_fn, tx = build(args)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   sizes = [int(x.size) for _, x in flat]
   types = [spam.layer_type(path) for path, _ in flat]
@@ -103,7 +105,7 @@ def main():
   opt_state = tx.init(params)
   t0, losses = time.time(), []
   for s in range(n_steps):
-    batch = jnp.asarray(sampler.batch(s, args.batch_size)["tokens"])
+    batch = jnp.asarray(batches[s]["tokens"])
     params, opt_state, loss, flat_abs = step(params, opt_state, batch)
     record[s] = np.asarray(flat_abs)
     losses.append(float(loss))

@@ -208,8 +208,9 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
   t_window = time.perf_counter()
   compile_s = None
   val_loss = float("nan")
+  batches = dataset.train_iterator(0, 1)  # batches from step 0 (grain, prefetched)
   for step in range(spec.steps):
-    batch = dataset.train.batch(step, cfg.batch_size)
+    batch = next(batches)
     state, metrics = train_step(state, batch)
     pending.append(metrics)
     done = step + 1

@@ -55,7 +55,7 @@ def test_init_from_hf_starts_at_step_0_and_trains_the_loaded_model(tmp_path, tok
   from train import data as data_lib
   from train.config import parse_args
   cfg = parse_args(args)
-  batch = data_lib.load_dataset(cfg, tmp_path / "run").train.batch(0, 8)
+  batch = next(data_lib.load_dataset(cfg, tmp_path / "run").train_iterator(0, 1))
   logits = np.asarray(model(jax.numpy.asarray(batch["tokens"][:, :-1])))
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   nll = -np.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0]
