@@ -12,7 +12,7 @@ at a time from the defaults (ΔT = 500, θ = 5000, N = 150, clipping, global bia
   to 0, implemented in ``benchmarks/quality.py``; the library has no nullify option);
 * both off (θ = 0, no reset): Adam as SPAM computes it (HF-style ε = 1e-6 added to the
   un-corrected ``sqrt(v)``), which separates SPAM's mechanisms from that detail of its Adam;
-* ``restart_bias_correction`` on (``--restart-bias-correction true``) vs off (the authors' code).
+* ``restart_bias_correction`` on (``--restart-bias-correction``) vs off (the authors' code).
 
 Usage::
 

@@ -129,7 +129,7 @@ for OPT in spam adamw; do
     "$PY" -m train --model "$MODEL" "${RUN_ARGS[@]}" --optimizer "$OPT" --dtype bf16 \
     --steps "$STEPS" \
     --eval-every "$EVERY" --log-every 10 --checkpoint-every "$STEPS" --keep-checkpoints 1 \
-    --progress false --plot false --workdir "$WORK/run_$OPT"
+    --no-progress --no-plot --workdir "$WORK/run_$OPT"
   cp "$WORK/run_$OPT/metrics.jsonl" "$OUTDIR/run_$OPT.jsonl" 2>/dev/null
 done
 

@@ -2,7 +2,7 @@
 
 The training runs are the training script's own pieces, called in-process (``train.data`` for the
 batches, ``train.optimizers.build_optimizer`` for the optimizer and the paper's schedule -- linear
-warmup from 0 over 10% of the steps, then cosine to 10% of the peak --, ``train.loop.make_train_step``
+warmup from 0 over 10% of the steps, then cosine to 10% of the peak --, ``train.step.make_train_step``
 and ``make_eval_step`` for the jitted steps, with its spike injection): no checkpoints are written.
 
 Protocol (``python benchmarks/quality.py``):
@@ -56,7 +56,8 @@ from benchmarks.common import tree_bytes  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train import optimizers  # noqa: E402
 from train.config import Config, validate  # noqa: E402
-from train.loop import make_eval_step, make_train_step, model_config  # noqa: E402
+from train.state import model_config  # noqa: E402
+from train.step import make_eval_step, make_train_step  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"

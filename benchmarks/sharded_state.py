@@ -64,7 +64,7 @@ def per_device_bytes(tree, device=None) -> int:
 def compile_update(tx, abstract_params, param_sh, mesh):
   """The abstract sharded train state {params, opt_state} (optimizer state sharded like its
   parameters by the training script's rule) and the compiled donated update + apply step."""
-  from train.loop import state_shardings  # the training script's rule, not a second copy of it
+  from train.state import state_shardings  # the training script's rule, not a second copy of it
 
   def init(params):
     return {"params": params, "opt_state": tx.init(params)}

@@ -43,7 +43,8 @@ import optax  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train.config import Config  # noqa: E402
 from train import throughput  # noqa: E402
-from train.loop import build_training, make_mesh, model_config  # noqa: E402
+from train.mesh import make_mesh  # noqa: E402
+from train.state import build_training, model_config  # noqa: E402
 
 VARIANTS = {
     "adam": dict(optimizer="adam"),

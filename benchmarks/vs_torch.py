@@ -1,7 +1,7 @@
 """The jitted training step against the PyTorch peer, back to back in one process.
 
 JAX: the training step of ``python -m train`` (forward, loss, backward, SPAM update; the spike
-counter off), built by ``train.loop.build_training``. PyTorch: Hugging Face ``LlamaForCausalLM`` of
+counter off), built by ``train.state.build_training``. PyTorch: Hugging Face ``LlamaForCausalLM`` of
 the same shape (SDPA attention, untied head, no biases) with ``torch.optim.AdamW`` (foreach), the
 same batch and the same next-token cross-entropy. Blocks of steps of the two alternate, in a
 rotating order, and each reports its median; the ratio is JAX / torch (below 1: JAX is faster).
@@ -46,7 +46,9 @@ from models.llama import REMAT  # noqa: E402
 from models.hf import config_to_hf  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train.config import Config  # noqa: E402
-from train.loop import build_training, make_mesh, model_config, token_nll  # noqa: E402
+from train.mesh import make_mesh  # noqa: E402
+from train.state import build_training, model_config  # noqa: E402
+from train.step import token_nll  # noqa: E402
 from flax import nnx  # noqa: E402
 
 # model -> (vocab, batch, seq): the issue's shapes; 60m with the paper's vocabulary.

@@ -20,7 +20,7 @@ from train.checkpoint import CheckpointError, Checkpointer, from_savable, to_sav
 _jax_cache.enable()
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1",
-        "--progress", "false", "--plot", "false", "--eval-every", "1000", "--log-every", "4"]
+        "--no-progress", "--no-plot", "--sample-tokens", "0", "--eval-every", "1000", "--log-every", "4"]
 
 
 def sparse_state():

@@ -15,8 +15,8 @@ from train.metrics import read_metrics
 
 _jax_cache.enable()
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-FAST = ["--seq-len", "16", "--batch-size", "8", "--eval-batches", "1", "--progress", "false",
-        "--plot", "false", "--eval-every", "1000", "--log-every", "1"]
+FAST = ["--seq-len", "16", "--batch-size", "8", "--eval-batches", "1", "--no-progress",
+        "--no-plot", "--sample-tokens", "0", "--eval-every", "1000", "--log-every", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_tokens_per_s_in_metrics_and_mfu_only_with_a_peak(tmp_path, capsys):
   assert all(r["tokens_per_s"] > 0 for r in records)
   assert plain.mfu is None and not any("mfu" in r for r in records)  # CPU: no built-in peak
   capsys.readouterr()
-  peaked = main(FAST + ["--steps", "2", "--peak-flops", "1e9", "--progress", "true",
+  peaked = main(FAST + ["--steps", "2", "--peak-flops", "1e9", "--progress",
                         "--workdir", str(tmp_path / "b")])
   assert "mfu=" in capsys.readouterr().err  # the progress bar
   records = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r]

@@ -136,16 +136,13 @@ def test_remat_names_and_the_former_boolean():
 def test_checkpoints_restore_across_compute_choices():
   # The compatibility record a checkpoint is checked against holds the model's shape and numerics
   # only, not attention / scan / remat: a checkpoint restores whichever way the step is computed.
-  from types import SimpleNamespace
-
   from train.config import Config
-  from train.loop import compat_record, model_config
+  from train.state import compat_record, model_config
 
-  data = SimpleNamespace(fingerprint="corpus")
   records = []
   for changes in ({}, dict(attention="xla", scan_layers=True, remat="dots")):
     cfg = Config(**changes)
-    records.append(compat_record(cfg, model_config(cfg, 256), data))
+    records.append(compat_record(cfg, model_config(cfg, 256), {"data": "corpus"}))
   assert records[0] == records[1]
   assert set(records[0]["model"]) == {
       "vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "num_kv_heads",

@@ -19,9 +19,9 @@ from train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "tiny", "--mesh", "data=2,fsdp=2", "--seq-len", "16", "--batch-size", "8",
-        "--eval-batches", "2", "--progress", "false", "--log-every", "1", "--eval-every", "5",
+        "--eval-batches", "2", "--no-progress", "--log-every", "1", "--eval-every", "5",
         "--checkpoint-every", "2", "--schedule-steps", "5", "--warmup-steps", "1",
-        "--clip-delay", "1"]
+        "--clip-delay", "1", "--sample-tokens", "8"]
 TIMEOUT = 300
 
 
@@ -59,7 +59,7 @@ def run_processes(args: list[str], n: int = 2) -> list[subprocess.CompletedProce
 
 def test_two_processes_resume_and_match_one_process_with_four_devices(tmp_path):
   ref = subprocess.run([sys.executable, "-m", "train", *ARGS, "--steps", "5",
-                        "--workdir", str(tmp_path / "ref"), "--plot", "false",
+                        "--workdir", str(tmp_path / "ref"), "--no-plot",
                         "--export-hf", str(tmp_path / "ref_hf")],
                        cwd=REPO, env=env(4), capture_output=True, text=True, timeout=TIMEOUT)
   assert ref.returncode == 0, ref.stderr[-4000:]

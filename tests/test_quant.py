@@ -25,7 +25,7 @@ _jax_cache.enable()
 REPO = Path(__file__).resolve().parents[1]
 TINY = models.CONFIGS["tiny"].replace(vocab_size=256)
 FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--eval-batches", "1",
-        "--progress", "false", "--plot", "false", "--eval-every", "1000", "--log-every", "2"]
+        "--no-progress", "--no-plot", "--sample-tokens", "0", "--eval-every", "1000", "--log-every", "2"]
 
 # ----------------------------------------------------------------------------- the authors' code
 # NumPy ports of TianjinYellow/StableSPAM utils/act_weight_quantization.py (_quantize_tensor),

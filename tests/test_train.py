@@ -15,13 +15,14 @@ from jax.sharding import AbstractMesh
 import _jax_cache
 from train import main, optimizers, spike_report
 from train.config import OPTIMIZERS, Config, ConfigError, parse_args
-from train.loop import check_batch, inject_spikes, multihost_environment, parse_mesh
+from train.mesh import check_batch, multihost_environment, parse_mesh
+from train.spike_injection import inject_spikes
 from train.metrics import MetricsWriter, plot_loss_curves, read_metrics
 
 _jax_cache.enable()
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--eval-batches", "1",
-        "--progress", "false", "--plot", "false", "--eval-every", "1000", "--log-every", "4"]
+        "--no-progress", "--no-plot", "--sample-tokens", "0", "--eval-every", "1000", "--log-every", "4"]
 
 
 def run_cli(args, devices: int = 1, timeout: int = 300):
@@ -39,15 +40,16 @@ def test_no_arguments_is_the_tiny_spam_main_job():
   cfg = parse_args(["--model", "60m", "--optimizer", "adamw", "--steps", "400", "--batch-size",
                     "8", "--seq-len", "64", "--workdir", "runs/x", "--checkpoint-every", "100",
                     "--eval-every", "100", "--seed", "0", "--lr", "1e-3", "--data", "x.txt",
-                    "--mesh", "data=2,fsdp=4", "--density", "0.25", "--progress", "false"])
+                    "--mesh", "data=2,fsdp=4", "--density", "0.25", "--no-progress"])
   assert (cfg.model, cfg.steps, cfg.mesh, cfg.density, cfg.progress) == (
       "60m", 400, "data=2,fsdp=4", 0.25, False)
 
 
 def test_end_to_end_cli_run_writes_metrics_plot_and_checkpoint(tmp_path):
   work = tmp_path / "run"
-  args = [a for a in FAST if a not in ("--progress", "--plot", "false")]
+  args = [a for a in FAST if a not in ("--no-progress", "--no-plot", "--sample-tokens", "0")]
   proc = run_cli(args + ["--workdir", str(work), "--steps", "5", "--eval-every", "5",
+                         "--sample-tokens", "40",
                          "--clip-delay", "1", "--spike-prob", "0.5", "--spike-scale", "10",
                          "--warmup-steps", "2"])
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,6 +66,30 @@ def test_end_to_end_cli_run_writes_metrics_plot_and_checkpoint(tmp_path):
   assert (work / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
   assert (work / "checkpoints" / "5").is_dir()
   assert np.all(np.isfinite([r["loss"] for r in train]))
+  # TensorBoard holds the same scalars as metrics.jsonl
+  events = tensorboard_scalars(work / "tensorboard")
+  assert [s for s, _ in events["loss"]] == [1, 2, 3, 4, 5]
+  np.testing.assert_allclose([v for _, v in events["loss"]], [r["loss"] for r in train], rtol=1e-6)
+  assert events["val_loss"] == [(5, pytest.approx(val["val_loss"]))]
+  assert "sample (40 tokens after the prompt" in proc.stdout
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} from the TFRecord event files in `logdir` (no TensorBoard needed)."""
+  import struct
+
+  from tensorboardX.proto.event_pb2 import Event
+  out: dict[str, list] = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out
 
 
 def test_mesh_data2_fsdp4_on_8_cpu_devices_matches_one_device(tmp_path):
@@ -124,15 +150,20 @@ def compiles():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model", "65m"], "unknown model '65m'; valid models: tiny, 9m, 20m, 35m, 60m, 130m"),
-    (["--optimizer", "adam8bit"], "valid optimizers: spam, stable_spam, adam, adamw, "
+    (["--model", "65m"], "unknown --model '65m'; valid: tiny, 9m, 20m, 35m, 60m, 130m"),
+    (["--optimizer", "adam8bit"], "valid: spam, stable_spam, adam, adamw, "
                                   "adam_clip_norm, adam_clip_value, adafactor, galore"),
     (["--data", "/nonexistent/corpus.txt"], "data path /nonexistent/corpus.txt does not exist"),
     (["--data", "EMPTY"], "is empty"),
     (["--seq-len", "300000"], "--seq-len 300000 is longer than the validation data"),
     (["--mesh", "data=3"], "spans 3 devices but 1 are available"),
     (["--mesh", "model=1"], "AXIS one of data, fsdp, tensor"),
-    (["--reset-warmup", "600"], "must be < --reset-interval"),
+    # The library's own checks, surfaced as the script's error (no second copy of the rule):
+    (["--reset-warmup", "600"], "--optimizer spam: warmup_steps (600) must be < reset_interval"),
+    (["--b1", "1.5"], "--optimizer spam: b1 must be in [0, 1), got 1.5"),
+    (["--optimizer", "stable_spam", "--gamma2", "-0.1"], "gamma2 must be in [0, 1)"),
+    (["--density", "1.5"], "density must be in (0, 1]"),
+    (["--warmup-steps", "2"], "--warmup-steps (2) must be in [0, schedule steps (2))"),
     (["--optimizer", "adamw", "--density", "0.5"], "--density applies to spam only"),
     (["--dtype", "fp16"], "valid: fp32, bf16, pure_bf16"),
 ])
@@ -151,7 +182,7 @@ def test_bad_input_is_a_clear_error_before_any_compilation(tmp_path, compiles, f
 def test_cli_bad_input_exits_2_with_the_message(tmp_path):
   proc = run_cli(["--optimizer", "sgdd", "--workdir", str(tmp_path)])
   assert proc.returncode == 2
-  assert "error: unknown optimizer 'sgdd'; valid optimizers: spam," in proc.stderr
+  assert "error: unknown --optimizer 'sgdd'; valid: spam," in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
@@ -286,7 +317,7 @@ def test_metrics_writer_truncates_on_resume_and_plots(tmp_path):
 def test_the_default_main_job_learns_shakespeare(tmp_path):
   """``python -m train`` with no arguments (only the workdir moved): a few minutes on 2 cores."""
   proc = subprocess.run([sys.executable, "-m", "train", "--workdir", str(tmp_path / "w"),
-                         "--progress", "false"], cwd=REPO, capture_output=True, text=True,
+                         "--no-progress"], cwd=REPO, capture_output=True, text=True,
                         timeout=1800, env=_jax_cache.subprocess_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   final = [l for l in proc.stdout.splitlines() if l.startswith("final validation")][-1]
@@ -297,7 +328,8 @@ def test_the_default_main_job_learns_shakespeare(tmp_path):
 def test_spike_monitor_logs_per_layer_type_and_writes_the_report(tmp_path):
   work = tmp_path / "run"
   main(["--steps", "12", "--batch-size", "4", "--seq-len", "16", "--eval-every", "12",
-        "--checkpoint-every", "6", "--log-every", "3", "--eval-batches", "1", "--progress", "false",
+        "--sample-tokens", "0",
+        "--checkpoint-every", "6", "--log-every", "3", "--eval-batches", "1", "--no-progress",
         "--spike-monitor", "5", "--workdir", str(work)])
   records = [r for r in read_metrics(work / "metrics.jsonl") if "loss" in r]
   types = ("embedding", "attention", "ffn", "norm", "lm_head")
@@ -312,7 +344,8 @@ def test_spike_monitor_logs_per_layer_type_and_writes_the_report(tmp_path):
   assert (work / "spike_heatmap.png").stat().st_size > 1000
   # resuming to a longer run continues the per-tensor log from the checkpoint
   main(["--steps", "15", "--batch-size", "4", "--seq-len", "16", "--eval-every", "12",
-        "--checkpoint-every", "6", "--log-every", "3", "--eval-batches", "1", "--progress", "false",
+        "--sample-tokens", "0",
+        "--checkpoint-every", "6", "--log-every", "3", "--eval-batches", "1", "--no-progress",
         "--spike-monitor", "5", "--workdir", str(work), "--schedule-steps", "12"])
   steps = [json.loads(l)["step"] for l in (work / "spike_layers.jsonl").read_text().splitlines()]
   assert steps == [3, 6, 9, 12, 15]
@@ -367,6 +400,14 @@ def test_state_rounding_reaches_spam_and_stable_spam(tmp_path):
       assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nu))
       nus[rounding] = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(nu)])
     assert not np.array_equal(nus["stochastic"], nus["nearest"]), name
-  with pytest.raises(ConfigError, match="--state-rounding must be one of stochastic, nearest"):
+  with pytest.raises(ConfigError, match="unknown --state-rounding 'down'; valid: stochastic, "):
     main(FAST + ["--state-rounding", "down", "--steps", "1", "--workdir", str(tmp_path / "w")])
   assert not (tmp_path / "w").exists()
+
+
+def test_running_out_of_memory_is_a_clear_error_naming_batch_and_sequence(tmp_path):
+  # The attention scores of 8 x 100000 tokens (terabytes) cannot be allocated: the first step says
+  # which sizes to lower instead of ending in XLA's RESOURCE_EXHAUSTED traceback.
+  with pytest.raises(ConfigError, match=r"out of device memory with --batch-size 8 and --seq-len "
+                                        r"100000 .* lower --batch-size or --seq-len, or .*--remat"):
+    main(FAST + ["--seq-len", "100000", "--steps", "1", "--workdir", str(tmp_path / "w")])

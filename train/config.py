@@ -1,13 +1,18 @@
-"""Run configuration: one dataclass, and the command line built from it.
+"""Run configuration: one dataclass; its fields are the command line.
 
-Every field of :class:`Config` is a flag (``batch_size`` -> ``--batch-size``); the defaults are the
-main job: a few minutes of SPAM pretraining of the ``tiny`` LLaMA on the embedded Shakespeare corpus.
-:func:`validate` checks everything that can be checked without reading data or touching a device.
+The command line is built by ``tyro`` from :class:`Config` (a maintained dataclass-to-CLI library:
+the dataclass stays the single source of names, types, defaults and help, which is each field's
+comment or docstring). ``batch_size`` is ``--batch-size``; booleans are switches
+(``--scan-layers`` / ``--no-scan-layers``). The defaults are the main job: a few minutes of SPAM
+pretraining of the ``tiny`` LLaMA on the embedded Shakespeare corpus.
+
+:func:`validate` checks what only the script knows (names of models, optimizers, data options,
+positive step counts). Optimizer hyper-parameters are checked by the library itself when the
+optimizer is built: its ``ValueError`` becomes the script's error (``train.optimizers``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -31,84 +36,160 @@ SPIKE_MODES = ("grad", "grad_entries", "input")
 
 @dataclasses.dataclass
 class Config:
-  # What to train.
+  """Pretrain a LLaMA with SPAM or a baseline optimizer. With no arguments: a few minutes of SPAM
+  on the tiny model and the embedded Shakespeare corpus. Rerun the same command to resume."""
+
+  # ---- What to train.
   model: str = "tiny"
+  """Model config: tiny, 9m, 20m, 35m, 60m, 130m, 350m, 1b (models/llama.py)."""
   optimizer: str = "spam"
-  dtype: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 params) | pure_bf16
-  opt_state_dtype: str | None = None  # dtype of the moments; default float32
-  # Fake-quantized 4-bit training of the seven projections (models/quant.py, docs/QUANTIZATION.md).
-  quant: str = "none"  # none | int4 | fp4
-  quant_group_size: int = 256  # along the input dimension, as the authors
-  # Run length and batch.
+  """spam, stable_spam, adam, adamw, adam_clip_norm, adam_clip_value, adafactor, galore, scale,
+  adamw_clip_norm, adamw_zclip, adamw_skip, spam_clip_norm (train/optimizers.py)."""
+  dtype: str = "fp32"
+  """Numerics: fp32, bf16 (bf16 compute, fp32 params) or pure_bf16."""
+  opt_state_dtype: str | None = None
+  """Dtype of the optimizer moments (float32, bfloat16, float16); default float32 (SPAM: both
+  moments; optax's Adam family: the first moment)."""
+  quant: str = "none"
+  """Fake-quantize weights and activations of the q/k/v/o/gate/up/down projections: none, int4,
+  fp4, fp4_e2m1 (straight-through gradients, with qwix; docs/QUANTIZATION.md)."""
+  quant_group_size: int = 256
+  """--quant group length along the input dimension (the largest divisor of it not above this)."""
+
+  # ---- Run length and batch.
   steps: int = 800
-  batch_size: int = 16  # global, in sequences
+  """Total optimizer steps. A rerun resumes from the workdir's latest checkpoint; it continues
+  exactly as the uninterrupted run when the LR schedule is unchanged (same --steps, or a fixed
+  --schedule-steps)."""
+  batch_size: int = 16
+  """Global batch size in sequences."""
   seq_len: int = 128
-  # Learning rate: linear warmup from 0, then cosine to min_lr_ratio * lr at schedule_steps.
+  """Tokens per training sequence."""
+
+  # ---- Learning rate: linear warmup from 0, then cosine to min_lr_ratio * lr at schedule_steps.
   lr: float = 1e-3
-  warmup_steps: int | None = None  # default: 10% of schedule_steps, at most 1000 (the paper)
-  schedule_steps: int | None = None  # default: steps
+  warmup_steps: int | None = None
+  """LR warmup steps; default 10% of the schedule, at most 1000 (the paper)."""
+  schedule_steps: int | None = None
+  """Length of the cosine LR schedule (default: --steps; fix it to extend a run without changing
+  its schedule)."""
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.0
   b1: float = 0.9
   b2: float = 0.999
-  # SPAM.
+
+  # ---- SPAM.
   density: float = 1.0
+  """SPAM momentum density d in (0, 1]: < 1 keeps moments for a random subset of the projection
+  kernels' entries (sparse momentum, re-drawn at every reset)."""
   threshold: float = 5000.0
+  """SPAM spike threshold θ (entries with g² > θ v are clipped)."""
   reset_interval: int = 500
+  """SPAM momentum reset interval ΔT."""
   reset_warmup: int = 150
+  """SPAM warmup steps N after each momentum reset (must be < --reset-interval)."""
   clip_delay: int = 20
-  restart_bias_correction: bool = False  # count Adam's bias correction from the last reset
-  # Stable-SPAM (its total_steps is schedule_steps).
+  """Updates before SPAM's spike clipping starts."""
+  restart_bias_correction: bool = False
+  """SPAM: restart the bias-correction count at every reset (not the authors' code, whose
+  post-reset steps are ~1.9x larger)."""
+
+  # ---- Stable-SPAM (its total_steps is the schedule length).
   gamma1: float = 0.7
   gamma2: float = 0.9
   gamma3: float = 0.999
   stable_reset_interval: int = 1000
-  # GaLore.
+
+  # ---- GaLore.
   galore_rank: int = 128
   galore_gap: int = 200
   galore_scale: float = 0.25
-  # Optimizer-state rounding and the spike defences of other trainers (adamw_zclip, adamw_skip).
-  state_rounding: str = "stochastic"  # how moments narrower than float32 are stored (SPAM family)
-  zclip_z_thresh: float = 2.5  # spam.zclip's z_thresh (other ZClip settings: its defaults)
-  skip_window: int = 128  # spam.skip_step_on_spikes: rolling window of gradient norms (MaxText)
-  skip_sigma: float = 6.0  # ... and how many standard deviations above the mean skip a step
-  # Data.
-  data: str = "shakespeare"  # shakespeare | c4 | PATH (text file, directory, .bin/.npy tokens)
-  tokenizer: str = "auto"  # auto: byte for text, t5 for c4, ids as stored for token files
+
+  # ---- Optimizer-state rounding and the spike defences of other trainers.
+  state_rounding: str = "stochastic"
+  """How SPAM / Stable-SPAM store moments narrower than float32 (--opt-state-dtype bfloat16):
+  stochastic (unbiased, v still decays) or nearest (the authors' pure-bf16 behaviour: 0.999 v
+  rounds back to v)."""
+  zclip_z_thresh: float = 2.5
+  """adamw_zclip: z-score above which ZClip clips the gradient norm (other settings: its defaults)."""
+  skip_window: int = 128
+  """adamw_skip: steps in the rolling window of gradient norms (MaxText)."""
+  skip_sigma: float = 6.0
+  """adamw_skip: skip a step whose gradient norm exceeds the window's mean by this many standard
+  deviations (the inner optimizer's state is untouched)."""
+
+  # ---- Data.
+  data: str = "shakespeare"
+  """shakespeare (embedded), c4 (Hugging Face streaming), or a path: text file, directory of
+  *.txt, .jsonl documents, or a token file (.bin raw, .npy) of uint16/uint32 ids."""
+  tokenizer: str = "auto"
+  """auto (byte for text, t5 for c4, ids as stored for token files), byte, bpe or t5."""
   bpe_vocab: int = 4096
-  token_dtype: str = "uint16"  # element type of a raw .bin token file
-  vocab_size: int | None = None  # of a token file; default: its largest id + 1
+  """Vocabulary of the BPE tokenizer trained on the training text (--tokenizer bpe)."""
+  token_dtype: str = "uint16"
+  """Element type of a raw .bin token file."""
+  vocab_size: int | None = None
+  """Vocabulary of a token file; default its largest id + 1."""
   val_fraction: float = 0.05
   eval_batches: int = 8
-  # Bookkeeping.
+
+  # ---- Bookkeeping.
   workdir: str = "runs/tiny-spam"
   checkpoint_every: int = 200
   eval_every: int = 200
   log_every: int = 10
-  keep_checkpoints: int = 3  # 0 keeps all
+  keep_checkpoints: int = 3
+  """Checkpoints kept (0: all)."""
   seed: int = 0
   progress: bool = True
+  """Show a progress bar (tokens/s, MFU, loss, LR, spikes)."""
   plot: bool = True
-  spike_monitor: float = 0.0  # > 0: per-layer spike counts (score g²/v above it) and a report
-  # Scale.
-  mesh: str | None = None  # e.g. data=2,fsdp=4 (axes: data, fsdp, tensor); default: all on data
+  """Write loss_curve.png at the end."""
+  sample_tokens: int = 256
+  """At the end, print a sample of this many tokens generated from the model (0: none)."""
+  spike_monitor: float = 0.0
+  """Threshold of the online spike score g²/v (the paper uses 50): log spikes per layer type and
+  write spike_report.md and spike_heatmap.png (0: off)."""
+
+  # ---- Scale.
+  mesh: str | None = None
+  """Device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor); default: every device on data."""
   coordinator_address: str | None = None
+  """Multi-host: jax.distributed's coordinator (host:port); detected under SLURM, MPI, TPU pods."""
   num_processes: int | None = None
   process_id: int | None = None
-  # Spike injection (experiments): with probability spike_prob per step (grad), per gradient entry
-  # (grad_entries) or per sequence (input), multiply the gradient by spike_scale, or replace a
-  # fraction spike_scale (in (0, 1]) of a sequence's input tokens with random tokens.
+
+  # ---- Spike injection (experiments).
   spike_prob: float = 0.0
+  """With this probability per step (grad), per gradient entry (grad_entries) or per sequence
+  (input), multiply the gradient by --spike-scale, or replace a fraction --spike-scale (in (0, 1])
+  of a sequence's input tokens with random tokens."""
   spike_scale: float = 100.0
   spike_mode: str = "grad"
-  # How the step is computed: speed and memory only (same parameters, same results to rounding).
-  attention: str = "auto"  # auto | cpu | xla | cudnn
+  """grad, grad_entries or input."""
+
+  # ---- How the step is computed: speed and memory only (same parameters, same results).
+  attention: str = "auto"
+  """cpu (heads-major matmuls, fastest on XLA:CPU), xla or cudnn (jax.nn.dot_product_attention;
+  cudnn = flash attention on NVIDIA GPUs, bf16 only); auto = cpu on a CPU backend, else xla."""
   scan_layers: bool = False
-  remat: str = "none"  # none | block | dots
-  # Fine-tuning, export and throughput accounting.
-  init_from: str | None = None  # Hugging Face Llama directory or a workdir/checkpoint of this script
-  export_hf: str | None = None  # write the final weights as a Hugging Face Llama directory
-  peak_flops: float | None = None  # per-device peak FLOP/s for MFU (default: built-in table)
+  """Run the layers under lax.scan: one compiled block whatever the depth, but slower steps on
+  XLA:CPU (parameters and checkpoints are the same either way)."""
+  remat: str = "none"
+  """Recompute in the backward pass: none, block (all of each block) or dots (all but the
+  projections' outputs; on XLA:CPU it saves memory only with --scan-layers)."""
+
+  # ---- Fine-tuning, export and throughput accounting.
+  init_from: str | None = None
+  """Start from these weights with a fresh optimizer state (fine-tuning): a Hugging Face
+  LlamaForCausalLM directory (config.json + safetensors; the model shape comes from it and --model
+  is ignored) or a workdir / checkpoints/STEP of this script."""
+  export_hf: str | None = None
+  """At the end, write the final weights to this directory as a Hugging Face LlamaForCausalLM
+  (rerun a finished run's command with it to export)."""
+  peak_flops: float | None = None
+  """Peak FLOP/s of one device, for MFU (default: a table of GPUs and TPUs; without it MFU is
+  omitted on CPU and unknown devices)."""
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
@@ -127,88 +208,10 @@ class Config:
     return min(1000, self.total_schedule_steps // 10)
 
 
-_HELP = {
-    "model": f"model config ({', '.join(CONFIGS)})",
-    "optimizer": f"optimizer ({', '.join(OPTIMIZERS)})",
-    "dtype": f"numerics ({', '.join(DTYPES)})",
-    "opt_state_dtype": "dtype of optimizer moments (float32, bfloat16, float16); default float32 "
-                       "(SPAM: both moments; optax's Adam family: the first moment)",
-    "quant": "fake-quantize weights and activations of the q/k/v/o/gate/up/down projections "
-             f"({', '.join(QUANTS)}; straight-through gradients, with qwix; docs/QUANTIZATION.md)",
-    "quant_group_size": "--quant group length along the input dimension (the largest divisor of "
-                        "the dimension not above it)",
-    "steps": "total optimizer steps; rerunning with a larger value resumes from the workdir",
-    "batch_size": "global batch size in sequences",
-    "schedule_steps": "length of the cosine LR schedule (default: --steps; set it to resume "
-                      "into a longer run with an unchanged schedule)",
-    "data": "shakespeare (embedded), c4 (HF streaming), or a path: text file, directory of *.txt, "
-            "or token file (.bin raw, .npy) of uint16/uint32 ids",
-    "mesh": "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; default: data=#devices)",
-    "density": "SPAM momentum density d in (0, 1]",
-    "reset_warmup": "SPAM warmup steps N after each momentum reset",
-    "restart_bias_correction": "SPAM: restart the bias-correction count at every reset (not the "
-                               "authors' code, whose post-reset steps are ~1.9x larger)",
-    "state_rounding": "how SPAM / Stable-SPAM store moments narrower than float32 "
-                      "(--opt-state-dtype bfloat16): stochastic (unbiased, v still decays) or "
-                      "nearest (the authors' pure-bf16 behaviour: 0.999 v rounds back to v)",
-    "zclip_z_thresh": "adamw_zclip: z-score above which ZClip clips the gradient norm",
-    "skip_window": "adamw_skip: steps in the rolling window of gradient norms",
-    "skip_sigma": "adamw_skip: skip a step whose gradient norm exceeds the window's mean by this "
-                  "many standard deviations (inner optimizer state untouched)",
-    "spike_mode": f"spike injection ({', '.join(SPIKE_MODES)})",
-    "attention": "attention kernel: cpu (heads-major matmuls, fastest on XLA:CPU), xla or cudnn "
-                 "(jax.nn.dot_product_attention; cudnn = flash attention on NVIDIA GPUs, bf16 "
-                 "only); auto = cpu on a CPU backend, else xla",
-    "scan_layers": "run the layers under lax.scan: one compiled block whatever the depth (compile "
-                   "time grows less), but 16-18%% slower steps on XLA:CPU; false unrolls them "
-                   "(parameters and checkpoints are the same either way)",
-    "remat": f"recompute in the backward pass ({', '.join(REMAT)}): block = all of each block, "
-             "dots = all but the projections' outputs (on XLA:CPU it saves memory only with "
-             "--scan-layers true)",
-    "init_from": "start from these weights with a fresh optimizer state (fine-tuning): a Hugging "
-                 "Face LlamaForCausalLM directory (config.json + safetensors; the model shape comes "
-                 "from it and --model is ignored) or a workdir / checkpoints/STEP of this script",
-    "export_hf": "at the end, write the final weights to this directory as a Hugging Face "
-                 "LlamaForCausalLM (rerun a finished run's command with it to export)",
-    "peak_flops": "peak FLOP/s of one device, for MFU (default: a table of GPUs and TPUs; "
-                  "without it MFU is omitted on CPU and unknown devices)",
-    "spike_monitor": "threshold of the online spike score g²/v (the paper uses 50): log spikes per "
-                     "layer type and write spike_report.md and spike_heatmap.png (0: off)",
-}
-
-
-def _parse_bool(text: str) -> bool:
-  lowered = text.lower()
-  if lowered in ("1", "true", "yes", "on"):
-    return True
-  if lowered in ("0", "false", "no", "off"):
-    return False
-  raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m train",
-      description="Pretrain a LLaMA with SPAM or a baseline optimizer. With no arguments: "
-                  "a few minutes of SPAM on the tiny model and the embedded Shakespeare corpus.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  for field in dataclasses.fields(Config):
-    flag = "--" + field.name.replace("_", "-")
-    kind = field.type if isinstance(field.type, str) else field.type.__name__
-    kwargs: dict[str, Any] = {"default": field.default, "help": _HELP.get(field.name, " ")}
-    if kind == "bool":
-      kwargs.update(type=_parse_bool, metavar="BOOL")
-      parser.add_argument(flag, **kwargs)
-      continue
-    base = kind.split("|")[0].strip()
-    kwargs["type"] = {"int": int, "float": float, "str": str}[base]
-    parser.add_argument(flag, **kwargs)
-  return parser
-
-
 def parse_args(argv: list[str] | None = None) -> Config:
-  args = build_parser().parse_args(argv)
-  return Config(**vars(args))
+  """The command line (``python -m train --help``) as a Config; exits with a usage error."""
+  import tyro
+  return tyro.cli(Config, args=argv, prog="python -m train")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -216,58 +219,43 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def _one_of(flag: str, value, valid) -> None:
+  _require(value in valid, f"unknown {flag} {value!r}; valid: {', '.join(valid)}")
+
+
 def validate(cfg: Config) -> None:
-  """Checks names and ranges; raises ConfigError with what to change."""
-  _require(cfg.model in CONFIGS,
-           f"unknown model {cfg.model!r}; valid models: {', '.join(CONFIGS)}")
-  _require(cfg.optimizer in OPTIMIZERS,
-           f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-  _require(cfg.dtype in DTYPES, f"unknown dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
-  _require(cfg.attention in ATTENTION,
-           f"unknown --attention {cfg.attention!r}; valid: {', '.join(ATTENTION)}")
-  _require(cfg.remat in REMAT, f"unknown --remat {cfg.remat!r}; valid: {', '.join(REMAT)}")
-  _require(cfg.tokenizer in TOKENIZERS,
-           f"unknown tokenizer {cfg.tokenizer!r}; valid tokenizers: {', '.join(TOKENIZERS)}")
-  _require(cfg.spike_mode in SPIKE_MODES,
-           f"unknown spike mode {cfg.spike_mode!r}; valid: {', '.join(SPIKE_MODES)}")
-  _require(cfg.token_dtype in ("uint16", "uint32"),
-           f"--token-dtype must be uint16 or uint32, got {cfg.token_dtype!r}")
-  _require(cfg.state_rounding in STATE_ROUNDINGS, f"--state-rounding must be one of "
-           f"{', '.join(STATE_ROUNDINGS)}, got {cfg.state_rounding!r}")
-  _require(cfg.zclip_z_thresh > 0, f"--zclip-z-thresh must be > 0, got {cfg.zclip_z_thresh}")
-  _require(isinstance(cfg.skip_window, int) and cfg.skip_window >= 2,
-           f"--skip-window must be an integer >= 2, got {cfg.skip_window!r}")
-  _require(cfg.skip_sigma >= 0, f"--skip-sigma must be >= 0, got {cfg.skip_sigma}")
+  """Checks the script's own options; raises ConfigError with what to change."""
+  _one_of("--model", cfg.model, CONFIGS)
+  _one_of("--optimizer", cfg.optimizer, OPTIMIZERS)
+  _one_of("--dtype", cfg.dtype, DTYPES)
+  _one_of("--attention", cfg.attention, ATTENTION)
+  _one_of("--remat", cfg.remat, tuple(REMAT))
+  _one_of("--tokenizer", cfg.tokenizer, TOKENIZERS)
+  _one_of("--spike-mode", cfg.spike_mode, SPIKE_MODES)
+  _one_of("--token-dtype", cfg.token_dtype, ("uint16", "uint32"))
+  _one_of("--state-rounding", cfg.state_rounding, STATE_ROUNDINGS)
+  _one_of("--quant", cfg.quant, QUANTS)
   if cfg.opt_state_dtype is not None:
-    _require(cfg.opt_state_dtype in ("float32", "bfloat16", "float16"),
-             f"--opt-state-dtype must be float32, bfloat16 or float16, got {cfg.opt_state_dtype!r}")
-  _require(cfg.quant in QUANTS, f"unknown --quant {cfg.quant!r}; valid: {', '.join(QUANTS)}")
-  _require(isinstance(cfg.quant_group_size, int) and cfg.quant_group_size >= 1,
-           f"--quant-group-size must be a positive integer, got {cfg.quant_group_size!r}")
+    _one_of("--opt-state-dtype", cfg.opt_state_dtype, ("float32", "bfloat16", "float16"))
   for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "checkpoint_every",
-               "eval_every", "reset_interval", "bpe_vocab", "galore_rank", "galore_gap",
-               "stable_reset_interval"):
+               "eval_every", "bpe_vocab", "quant_group_size", "galore_rank", "galore_gap"):
     value = getattr(cfg, name)
     _require(isinstance(value, int) and value >= 1,
              f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-  for name in ("reset_warmup", "clip_delay", "keep_checkpoints", "seed"):
+  for name in ("keep_checkpoints", "seed", "sample_tokens"):
     value = getattr(cfg, name)
     _require(isinstance(value, int) and value >= 0,
              f"--{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
   _require(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
-  _require(0 < cfg.density <= 1, f"--density must be in (0, 1], got {cfg.density}")
-  _require(cfg.threshold >= 0, f"--threshold must be >= 0, got {cfg.threshold}")
-  _require(cfg.reset_warmup < cfg.reset_interval,
-           f"--reset-warmup ({cfg.reset_warmup}) must be < --reset-interval "
-           f"({cfg.reset_interval}): the warmup factor would never reach 1")
-  _require(0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
   _require(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+  _require(0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
   _require(0 < cfg.val_fraction < 1, f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
   _require(cfg.total_schedule_steps >= 1,
            f"--schedule-steps must be a positive integer, got {cfg.schedule_steps}")
-  _require(0 <= cfg.lr_warmup_steps <= cfg.total_schedule_steps,
+  # optax's warmup_cosine_decay_schedule needs room for the decay after the warmup.
+  _require(0 <= cfg.lr_warmup_steps < cfg.total_schedule_steps,
            f"--warmup-steps ({cfg.lr_warmup_steps}) must be in [0, schedule steps "
-           f"({cfg.total_schedule_steps})]")
+           f"({cfg.total_schedule_steps})): the cosine decay follows the warmup")
   _require(cfg.spike_monitor >= 0, f"--spike-monitor must be >= 0, got {cfg.spike_monitor}")
   _require(0 <= cfg.spike_prob <= 1, f"--spike-prob must be in [0, 1], got {cfg.spike_prob}")
   if cfg.spike_mode == "input" and cfg.spike_prob > 0:
@@ -278,8 +266,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.peak_flops > 0, f"--peak-flops must be > 0, got {cfg.peak_flops}")
   if cfg.init_from is not None:
     _require(Path(cfg.init_from).exists(), f"--init-from {cfg.init_from}: no such file or directory")
-  if cfg.density < 1:
-    _require(cfg.optimizer == "spam", f"--density applies to spam only (got --optimizer "
-                                      f"{cfg.optimizer})")
+  if cfg.density != 1:  # its range is the library's to check
+    _require(cfg.optimizer == "spam",
+             f"--density applies to spam only (got --optimizer {cfg.optimizer})")
   if cfg.tokenizer == "t5":
     _require(cfg.data == "c4", "--tokenizer t5 is for --data c4 (the paper's setup)")

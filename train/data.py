@@ -289,36 +289,6 @@ class Dataset:
     """Puts a train iterator at `step` (its next batch is step's) without a saved state."""
     iterator.set_state({"next_index": int(step)})
 
-  @property
-  def train(self) -> "_StepBatches":
-    """Transitional: ``dataset.train.batch(step, batch_size, p, P)`` for the loop until it moves to
-    :meth:`train_iterator`; the same batches, from one iterator per process."""
-    if "_step_batches" not in self.__dict__:
-      self.__dict__["_step_batches"] = _StepBatches(self)
-    return self.__dict__["_step_batches"]
-
-
-class _StepBatches:
-  """The batch of a step from a :meth:`Dataset.train_iterator` (seeking when steps jump)."""
-
-  def __init__(self, dataset: Dataset):
-    self._dataset = dataset
-    self._iterators: dict[tuple[int, int], grain.DatasetIterator] = {}
-
-  def batch(self, step: int, batch_size: int, process_index: int = 0,
-            process_count: int = 1) -> Batch:
-    key = (process_index, process_count)
-    if key not in self._iterators:
-      self._iterators[key] = self._dataset.train_iterator(process_index, process_count)
-    it = self._iterators[key]
-    if it.get_state() != {"next_index": step}:
-      self._dataset.seek(it, step)
-    out = next(it)
-    if len(out["tokens"]) * process_count != batch_size:
-      raise ValueError(f"the dataset was loaded for --batch-size {len(out['tokens'])}, "
-                       f"not {batch_size}")
-    return out
-
 
 def load_dataset(cfg: Config, workdir: Path | None = None) -> Dataset:
   """Reads, tokenizes and splits ``cfg.data``; every problem is a ConfigError naming the source."""

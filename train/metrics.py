@@ -1,4 +1,10 @@
-"""metrics.jsonl (one JSON object per logged step, written by process 0) and the loss-curve plot."""
+"""Where the numbers go: ``metrics.jsonl``, TensorBoard event files, and the loss-curve plot.
+
+Process 0 writes every record twice: one JSON object per line in ``WORKDIR/metrics.jsonl`` (read
+by the benchmarks and tests) and the same scalars as TensorBoard events in ``WORKDIR/tensorboard``
+(``tensorboard --logdir WORKDIR``), through ``tensorboardX``. A resumed run drops what was logged
+after its checkpoint from both, so neither shows a step twice.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +22,30 @@ def _clean(value):
 
 
 class MetricsWriter:
-  """Appends records to ``workdir/metrics.jsonl``; a no-op on processes other than 0."""
+  """Appends records to ``metrics.jsonl`` (and TensorBoard); a no-op on processes other than 0.
 
-  def __init__(self, path: str | Path, enabled: bool = True):
+  ``tensorboard``: the event directory, or None for the JSON lines alone.
+  """
+
+  def __init__(self, path: str | Path, enabled: bool = True, tensorboard: str | Path | None = None):
     self.path = Path(path)
     self.enabled = enabled
+    self.tensorboard = Path(tensorboard) if tensorboard is not None else None
+    self._events = None
+
+  def _event_writer(self, purge_step: int | None = None):
+    if self._events is None and self.tensorboard is not None:
+      from tensorboardX import SummaryWriter
+      self._events = SummaryWriter(str(self.tensorboard), purge_step=purge_step)
+    return self._events
 
   def truncate_after(self, step: int) -> None:
     """Drops records past `step`: a resumed run re-logs the steps after its checkpoint."""
-    if not self.enabled or not self.path.exists():
+    if not self.enabled:
+      return
+    if self.tensorboard is not None and self.tensorboard.exists():
+      self._event_writer(purge_step=step + 1)  # TensorBoard hides the events past `step`
+    if not self.path.exists():
       return
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -39,6 +60,17 @@ class MetricsWriter:
     with self.path.open("a") as f:
       for record in records:
         f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+    events = self._event_writer()
+    if events is not None:
+      for record in records:
+        for name, value in record.items():
+          if name != "step" and isinstance(value, (int, float)):
+            events.add_scalar(name, value, global_step=record["step"])
+
+  def close(self) -> None:
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

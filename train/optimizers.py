@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import spam_optax as spam
 from train.config import Config, ConfigError
 
 # The leaves the authors make sparse (and GaLore projects): attention and MLP projection kernels.
@@ -53,19 +54,19 @@ def projection_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(is_projection, params)
 
 
-def _import_spam():
-  try:
-    import spam_optax
-  except ImportError as e:  # pragma: no cover - the package ships with the repo
-    raise ConfigError(f"cannot import spam_optax: {e}") from e
-  return spam_optax
-
-
 def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer named by ``cfg.optimizer`` with the paper's schedule (and spike monitor)."""
-  tx, sched = _named_optimizer(cfg)
-  if cfg.spike_monitor > 0:
-    tx = optax.chain(_import_spam().spike_monitor(cfg.spike_monitor), tx)
+  """The optimizer named by ``cfg.optimizer`` with the paper's schedule (and spike monitor).
+
+  Hyper-parameters are checked by the library that builds the optimizer: its ``ValueError``
+  (β out of range, N >= ΔT, a density outside (0, 1] ...) becomes a ConfigError with its message.
+  """
+  try:
+    tx, sched = _named_optimizer(cfg)
+    if cfg.spike_monitor > 0:
+      tx = optax.chain(spam.spike_monitor(cfg.spike_monitor), tx)
+  except ValueError as e:
+    raise ConfigError(f"--optimizer {cfg.optimizer}: {e} (names are the library's arguments; "
+                      "python -m train --help lists their flags)") from e
   return tx, sched
 
 
@@ -84,33 +85,23 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
                        mu_dtype=mu_dtype)
 
   if name in ("spam", "spam_clip_norm"):
-    spam = _import_spam()
     kwargs: dict[str, Any] = dict(
         b1=cfg.b1, b2=cfg.b2, threshold=cfg.threshold, reset_interval=cfg.reset_interval,
         warmup_steps=cfg.reset_warmup, clip_delay=cfg.clip_delay, weight_decay=cfg.weight_decay,
         mu_dtype=mu_dtype, nu_dtype=mu_dtype, restart_bias_correction=cfg.restart_bias_correction,
         rounding=cfg.state_rounding, count_clipped=True)  # the spikes the metrics report
-    if cfg.density < 1:
+    if cfg.density != 1:  # (the library checks its range)
       kwargs.update(density=cfg.density, key=jax.random.key(cfg.seed), sparse_leaves=projection_mask)
-    try:
-      tx = spam.spam(sched, **kwargs)
-    except ValueError as e:
-      raise ConfigError(f"invalid SPAM settings: {e}") from e
+    tx = spam.spam(sched, **kwargs)
     if name == "spam_clip_norm":
       tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
     return tx, sched
   if name == "stable_spam":
-    spam = _import_spam()
-    stable = getattr(spam, "stable_spam", None)
-    if stable is None:
-      raise ConfigError("--optimizer stable_spam: this spam_optax has no stable_spam yet")
-    try:
-      return stable(sched, b1=cfg.b1, b2=cfg.b2, gamma1=cfg.gamma1, gamma2=cfg.gamma2,
-                    gamma3=cfg.gamma3, reset_interval=cfg.stable_reset_interval,
-                    total_steps=cfg.total_schedule_steps, weight_decay=cfg.weight_decay,
-                    mu_dtype=mu_dtype, nu_dtype=mu_dtype, rounding=cfg.state_rounding), sched
-    except ValueError as e:
-      raise ConfigError(f"invalid Stable-SPAM settings: {e}") from e
+    return spam.stable_spam(
+        sched, b1=cfg.b1, b2=cfg.b2, gamma1=cfg.gamma1, gamma2=cfg.gamma2, gamma3=cfg.gamma3,
+        reset_interval=cfg.stable_reset_interval, total_steps=cfg.total_schedule_steps,
+        weight_decay=cfg.weight_decay, mu_dtype=mu_dtype, nu_dtype=mu_dtype,
+        rounding=cfg.state_rounding), sched
   if name == "adam":
     return adam(), sched
   if name == "adamw":
@@ -118,16 +109,9 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
   if name == "adamw_clip_norm":
     return optax.chain(optax.clip_by_global_norm(1.0), adamw()), sched
   if name == "adamw_zclip":
-    try:
-      return optax.chain(_import_spam().zclip(z_thresh=cfg.zclip_z_thresh), adamw()), sched
-    except ValueError as e:
-      raise ConfigError(f"invalid ZClip settings: {e}") from e
+    return optax.chain(spam.zclip(z_thresh=cfg.zclip_z_thresh), adamw()), sched
   if name == "adamw_skip":
-    try:
-      return _import_spam().skip_step_on_spikes(adamw(), window=cfg.skip_window,
-                                                sigma=cfg.skip_sigma), sched
-    except ValueError as e:
-      raise ConfigError(f"invalid step-skip settings: {e}") from e
+    return spam.skip_step_on_spikes(adamw(), window=cfg.skip_window, sigma=cfg.skip_sigma), sched
   if name == "adam_clip_norm":
     return optax.chain(optax.clip_by_global_norm(1.0), adam()), sched
   if name == "adam_clip_value":
@@ -136,15 +120,11 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
     return optax.adafactor(sched, multiply_by_parameter_scale=False, clipping_threshold=1.0,
                            weight_decay_rate=cfg.weight_decay or None), sched
   if name == "galore":
-    galore = getattr(optax.contrib, "galore", None)
-    if galore is None:
-      raise ConfigError("--optimizer galore needs optax.contrib.galore (optax >= 0.2.7)")
-    return galore(sched, rank=cfg.galore_rank, update_proj_gap=cfg.galore_gap,
-                  scale=cfg.galore_scale, weight_decay=cfg.weight_decay,
-                  base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
-                  mask=projection_mask), sched
+    return optax.contrib.galore(
+        sched, rank=cfg.galore_rank, update_proj_gap=cfg.galore_gap, scale=cfg.galore_scale,
+        weight_decay=cfg.weight_decay, base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
+        mask=projection_mask), sched
   if name == "scale":
-    spam = _import_spam()
     return spam.scale(sched), sched  # momentum on the output layer (lm_head)
   raise ConfigError(f"unknown optimizer {name!r}")
 

@@ -101,13 +101,14 @@ print("trajectory on fsdp=4,tensor=2 == one device", flush=True)
 # count, num_clipped). Measured at the commit that added the count: sparse 2,319,248 bytes
 # (2,319,504 before it), dense 2,255,504 (2,310,544 before: ordering v's update after the count
 # saved a buffer), so the sparse step is no larger than before; the dense baseline shrank.
-from train import loop, optimizers  # noqa: E402
+from train import mesh as mesh_lib, optimizers, state as state_lib  # noqa: E402
 from train.config import Config  # noqa: E402
 
 temps = {}
 for density in (1.0, 0.25):
   cfg = Config(model="tiny", density=density, batch_size=8, seq_len=32, mesh="fsdp=4,tensor=2")
-  training = loop.build_training(cfg, loop.model_config(cfg, 256), loop.make_mesh(cfg.mesh))
+  training = state_lib.build_training(cfg, state_lib.model_config(cfg, 256),
+                                      mesh_lib.make_mesh(cfg.mesh))
   batch = {"tokens": jax.ShapeDtypeStruct((8, 33), jnp.int32, sharding=training.batch_sharding),
            "weights": jax.ShapeDtypeStruct((8, 32), jnp.float32, sharding=training.batch_sharding)}
   compiled = training.train_step.lower(training.abstract_state, batch).compile()

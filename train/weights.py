@@ -1,9 +1,10 @@
-"""``--init-from PATH``: the starting weights of a fine-tuning run.
+"""Weights in and out: ``--init-from PATH`` (a fine-tuning run's start) and ``--export-hf DIR``.
 
 PATH is a Hugging Face ``LlamaForCausalLM`` directory (``config.json`` + safetensors) or a run of
 this script: its workdir (the latest checkpoint), its ``checkpoints`` directory, or one
 ``checkpoints/STEP``. The model's shape comes from PATH; only the parameters are taken, the
 optimizer starts fresh and the step count from 0, as in the paper's fine-tuning experiments.
+``--export-hf DIR`` writes a run's final weights as a Hugging Face ``LlamaForCausalLM``.
 """
 
 from __future__ import annotations
@@ -97,3 +98,13 @@ def load_params(path: str | Path, abstract_params):
     raise ConfigError(f"--init-from {step_dir}: its parameters could not be read "
                       f"({type(e).__name__}: {e})") from e
   return ckpt_lib.from_savable(restored, {"params": abstract_params}, {})["params"]
+
+
+def export_hf(params, model_cfg: LlamaConfig, path: str) -> None:
+  """Writes the parameters as a Hugging Face Llama directory (process 0; all must call it)."""
+  from jax.experimental import multihost_utils
+  # Every process takes part in gathering the sharded parameters; process 0 writes them.
+  host = (jax.device_get(params) if jax.process_count() == 1 else
+          multihost_utils.process_allgather(params, tiled=True))
+  if jax.process_index() == 0:
+    hf.to_pretrained(host, path, config=model_cfg)
