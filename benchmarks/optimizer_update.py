@@ -5,6 +5,7 @@ the median of interleaved repeats. With --torch it also times torch.optim.AdamW 
 pytorch_optimizer.SPAM (CPU, same shapes, same thread count) when those packages are installed.
 
     python -m benchmarks.optimizer_update --repeats 30
+    python -m benchmarks.optimizer_update --only "spam d=0.25" "spam d=0.1"  # and optax.adamw
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def optimizers():
   }
 
 
-def jax_steppers(params, grads):
-  """name -> (no-arg step callable, state bytes)."""
-  return {name: donated_stepper(tx, params, grads) for name, tx in optimizers().items()}
+def jax_steppers(params, grads, only=None):
+  """name -> (no-arg step callable, state bytes); `only`: the names to keep (optax.adamw always)."""
+  return {name: donated_stepper(tx, params, grads) for name, tx in optimizers().items()
+          if not only or name in only or name == "optax.adamw"}
 
 
 def torch_steppers(shapes):
@@ -77,11 +79,13 @@ def main():
   parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch peers")
   parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke test)")
+  parser.add_argument("--only", nargs="+", metavar="NAME", help="time only these optimizers "
+                      "(and optax.adamw, the baseline), e.g. --only 'spam d=0.25' 'spam d=0.1'")
   args = parser.parse_args()
   shapes = shapes_for(args.small)
   n = sum(int(jnp.prod(jnp.array(s))) for s in shapes.values())
   params, grads = random_tree(shapes, 0), random_tree(shapes, 1)
-  steppers = jax_steppers(params, grads)
+  steppers = jax_steppers(params, grads, args.only)
   if args.torch:
     steppers.update(torch_steppers(shapes))
   medians = interleaved_medians({k: v[0] for k, v in steppers.items()}, args.repeats)

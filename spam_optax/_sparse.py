@@ -11,19 +11,23 @@ The layout, chosen so that sparse state shards like its parameter:
 * Each row is cut into ``k`` strata and one entry is drawn inside each, so the subset has exactly
   ``rows x k`` entries and every entry has probability exactly ``k / L``. With ``g = gcd(k, L)``
   the last axis is ``g`` blocks of ``m = L / g`` entries holding ``c = k / g`` strata each; with
-  ``q, r = divmod(m, c)`` a block is ``c`` main strata of ``q`` consecutive entries followed by
-  ``r < c`` tail entries. When ``k`` divides ``L`` (c = 1, r = 0) every block is one stratum of
-  ``L / k`` entries and the draw is uniform inside it. Otherwise tail entry ``t`` of a block joins
+  ``q, r = divmod(m, c)`` a block is ``c`` main strata of ``q`` entries, interleaved (entry ``o``
+  of stratum ``s`` at position ``o c + s``: the block's first ``c q`` entries are ``q`` rows of
+  ``c``, one entry of every stratum per row), followed by ``r < c`` tail entries. When ``k``
+  divides ``L`` (c = 1, r = 0) every block is one stratum of ``L / k`` consecutive entries and the
+  draw is uniform inside it. Otherwise tail entry ``t`` of a block joins
   stratum ``(t + pairing) % c`` (``pairing`` uniform in ``[0, c)``, so a stratum has a tail entry
   with probability ``r / c``), and a stratum with a tail entry takes it with probability
   ``c / m`` and else a uniform main entry: every entry, main or tail, then has probability
   ``c / m = k / L``.
 * Everything happens inside a block, and a block inside a shard (a mesh axis of size T that
   divides both ``k`` and ``L`` divides ``g``). Selection is ``iota == offset`` on the
-  ``(..., strata, q)`` view and the expansion back is the same select broadcast over that view;
-  the tail (``r / m`` of the entries) moves by a roll of a compact-sized array inside its block.
-  No gather or scatter with computed indices, nothing XLA's SPMD partitioner must move between
-  devices, and the expansion fuses into the parameter update.
+  ``(..., g, q, c)`` view and the expansion back is the same select broadcast over the block seen
+  as ``q + 1`` rows of ``c`` (the last row holds the tail, moved by a roll of a compact-sized
+  array inside its block; the last ``c - r`` positions are cut off). No gather or scatter with
+  computed indices, nothing XLA's SPMD partitioner must move between devices, and the expansion
+  fuses into the parameter update as one branch-free loop. The offsets are computed once per
+  update (a compact array of bytes), not once per entry (see ``_offsets_once``).
 * The draw is a pure function of (key, leaf, reset index): three 32-bit seeds (the main draw, the
   tail draw and ``pairing``) come from ``jax.random.fold_in(fold_in(key, leaf_index),
   reset_index)``, and the draws of stratum ``i`` (its flat index in the compact state) are a
@@ -85,31 +89,52 @@ _UNROLL = 16  # strata of up to this many entries select with a chain of selects
 
 
 def _select(view: jax.Array, offsets: jax.Array) -> jax.Array:
-  """view[..., offsets] along the last axis (0 where offsets is out of range), without a gather.
+  """view[..., offsets, :] along axis -2 (0 where offsets is out of range), without a gather.
 
-  A chain of selects over the short last axis is elementwise, so XLA fuses it into the moment
-  updates; a masked sum is the fallback for long strata (very low densities).
+  `view` is (..., q, c), `offsets` (..., c). A chain of selects over the short axis is elementwise
+  on contiguous rows, so XLA fuses it into the moment updates; a masked sum is the fallback for long
+  strata (very low densities).
   """
   zero = jnp.zeros([], view.dtype)
-  if view.shape[-1] <= _UNROLL:
+  if view.shape[-2] <= _UNROLL:
     out = jnp.broadcast_to(zero, offsets.shape)
-    for o in range(view.shape[-1]):
-      out = jnp.where(offsets == o, view[..., o], out)
+    for o in range(view.shape[-2]):
+      out = jnp.where(offsets == o, view[..., o, :], out)
     return out
-  iota = jax.lax.broadcasted_iota(jnp.int32, view.shape, view.ndim - 1)
-  return jnp.sum(jnp.where(iota == offsets[..., None], view, zero), axis=-1)
+  iota = jax.lax.broadcasted_iota(offsets.dtype, view.shape, view.ndim - 2)
+  return jnp.sum(jnp.where(iota == offsets[..., None, :], view, zero), axis=-2)
 
 
-def _place(compact: jax.Array, offsets: jax.Array, size: int) -> jax.Array:
-  """The (..., size) array holding compact at offsets along the last axis, exactly 0 elsewhere."""
-  shape = compact.shape + (size,)
-  iota = jax.lax.broadcasted_iota(offsets.dtype, shape, len(shape) - 1)
-  return jnp.where(iota == offsets[..., None], compact[..., None], jnp.zeros([], compact.dtype))
+def _place(compact: jax.Array, offsets: jax.Array, rows: int) -> jax.Array:
+  """The (..., rows, c) array holding compact (..., c) in row offsets, exactly 0 elsewhere."""
+  shape = compact.shape[:-1] + (rows,) + compact.shape[-1:]
+  iota = jax.lax.broadcasted_iota(offsets.dtype, shape, len(shape) - 2)
+  return jnp.where(iota == offsets[..., None, :], compact[..., None, :],
+                   jnp.zeros([], compact.dtype))
 
 
-def _small_int(bound: int):
-  """The narrowest signed integer dtype holding 0..bound."""
-  return next(t for t in (jnp.int8, jnp.int16, jnp.int32) if bound <= jnp.iinfo(t).max)
+# XLA:CPU fuses a cheap elementwise producer into every consumer, also one that reads each of its
+# elements several times (the expansion reads a stratum's offset and value for each of its q
+# entries): the draw's hashes then ran once per entry of the full-size update and once per gather,
+# and a roll of compact values was redone for every entry. It does not fuse an integer remainder or
+# a float division whose dividend is an array into such a consumer, so these two identities, which
+# XLA cannot fold, make it compute their argument once, in a compact-sized fusion of its own
+# (benchmarks/sparse_parts.py; tests/test_sparse.py checks the compiled expansion).
+_MODULI = {jnp.uint8: 251, jnp.uint16: 65521, jnp.uint32: 4294967291}  # primes: x % p == x, x < p
+
+
+def _offsets_once(x: jax.Array, bound: int) -> jax.Array:
+  """Integers 0..bound (held exactly in `x`, any dtype) as the narrowest unsigned type, computed
+  once: ``x % p`` for a prime ``p > bound``."""
+  dtype, p = next((t, p) for t, p in _MODULI.items() if bound < p)
+  return jax.lax.rem(x.astype(dtype), dtype(p))
+
+
+def _values_once(x: jax.Array) -> jax.Array:
+  """Float `x`, computed once: ``x / 1`` (exact, NaN and inf included) with the 1 made of x's
+  own bits (``1 + ((bits >> 31) >> 1)``), so that XLA can neither fold it nor hoist a reciprocal."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return x / (1 + ((bits >> 31) >> 1)).astype(x.dtype)
 
 
 class Strata(NamedTuple):
@@ -150,8 +175,7 @@ class Strata(NamedTuple):
       paired = jnp.where(j >= pairing, j - pairing, j - pairing + c) < r
       take_tail = paired & (_unit(hash32(index, seed_tail)) < c / (c * q + r))
       offsets = jnp.where(take_tail, q, offsets)
-    offsets = offsets.astype(_small_int(q))
-    return cls(shape, k, offsets, pairing)
+    return cls(shape, k, _offsets_once(offsets, q), pairing)
 
   @property
   def compact_shape(self) -> tuple[int, ...]:
@@ -163,27 +187,32 @@ class Strata(NamedTuple):
     lead = self.shape[:-1]
     x = x.reshape(lead + (g, c * q + r))
     offsets = self.offsets.reshape(lead + (g, c))
-    out = _select(x[..., : c * q].reshape(lead + (g, c, q)), offsets)
+    out = _select(x[..., : c * q].reshape(lead + (g, q, c)), offsets)
     if r:  # tail entry t sits in stratum (t + pairing) % c
       tail = jnp.pad(x[..., c * q:], [(0, 0)] * (x.ndim - 1) + [(0, c - r)])
       out = jnp.where(offsets == q, jnp.roll(tail, self.pairing, axis=-1), out)
     return out.reshape(self.compact_shape)
 
   def expand(self, compact: jax.Array) -> jax.Array:
-    """The full-size array holding `compact` on the subset and exactly 0 elsewhere."""
+    """The full-size array holding `compact` on the subset and exactly 0 elsewhere.
+
+    A select on the block seen as ``(q + 1, c)`` (its last ``c - r`` positions cut off): row o < q
+    holds stratum s's value where its offset is o, row q the tail values rolled to their positions.
+    Every operand is a compact array broadcast along the rows, so the select fuses into the
+    parameter update as one loop without branches.
+    """
     g, c, q, r = self.blocks(self.shape, self.k)
     lead = self.shape[:-1]
     compact = compact.reshape(lead + (g, c))
     offsets = self.offsets.reshape(lead + (g, c))
-    full = _place(compact, offsets, q).reshape(lead + (g, c * q))
-    if r:
-      tail = jnp.where(offsets == q, compact, jnp.zeros([], compact.dtype))
-      tail = jnp.roll(tail, -self.pairing, axis=-1)[..., :r]
-      # Two pads and a sum (each entry is one side's value plus an exact 0) fuse into the
-      # parameter update where a concatenate would be materialised.
-      pad = [(0, 0)] * (full.ndim - 1)
-      full = jnp.pad(full, pad + [(0, r)]) + jnp.pad(tail, pad + [(c * q, 0)])
-    return full.reshape(self.shape)
+    if not r:
+      return _place(compact, offsets, q).reshape(self.shape)
+    zero = jnp.zeros([], compact.dtype)
+    tail = jnp.roll(jnp.where(offsets == q, compact, zero), -self.pairing, axis=-1)
+    grid = _place(compact, offsets, q + 1)  # row q: stratum s's own tail value, not entry s's
+    row = jax.lax.broadcasted_iota(jnp.int32, grid.shape, grid.ndim - 2)
+    grid = jnp.where(row == q, _values_once(tail)[..., None, :], grid)
+    return grid.reshape(lead + (g, (q + 1) * c))[..., : c * q + r].reshape(self.shape)
 
 
 def _resolve_selection(leaves, params):
