@@ -101,7 +101,8 @@ def main(argv=None):
                     and r["steps"] == args.steps], "spam")
   lr = best if best is not None else args.lr
   path = Path(args.json or q.RESULTS / f"ablations_{args.model}.json")
-  store = q.Store(path, {"machine": q.machine(), "batch_size": args.batch_size,
+  store = q.Store(path, {"machine": q.machine(), "common": q.common_overrides(args),
+                         "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "lr": lr,
                          "lr_source": "quality grid" if best is not None else "--lr"})
 

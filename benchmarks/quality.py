@@ -14,7 +14,10 @@ Protocol (``python benchmarks/quality.py``):
    optimizer-state bytes, and the median step time (forward + backward + update) of the run.
 
 Rows: adam, adamw (weight decay 0.1), adam_clip_norm (global norm 1.0), adam_clip_value (1e-3),
-adafactor, spam (dense), spam_d0.25, stable_spam, galore (rank hidden/4), scale.
+adafactor, spam (dense), spam_d0.25, stable_spam, galore (rank hidden/4), scale, and the spike
+defences of JAX trainers: adamw_clip_norm, adamw_zclip, adamw_skip, spam_clip_norm (issue 12).
+``--tokenizer bpe --bpe-vocab N`` and ``--reset-interval`` / ``--reset-warmup`` apply to every run of
+a results file (its meta records them; a file holds one setting).
 
 Results are appended to a JSON file after every run; re-running the same command skips finished runs.
 
@@ -22,6 +25,10 @@ Usage::
 
   python benchmarks/quality.py                                  # tiny, the full protocol
   python benchmarks/quality.py --model 9m --rows adam,spam,stable_spam --steps 1000 --seeds 2
+  python benchmarks/quality.py --model 20m --seq-len 256 --tokenizer bpe --bpe-vocab 4096 \
+      --reset-interval 150 --reset-warmup 45 --steps 600 \
+      --rows adamw,adamw_clip_norm,adamw_zclip,adamw_skip,spam,spam_clip_norm,stable_spam,spam_d0.25 \
+      --json benchmarks/results/quality_20m_bpe.json                 # issue 12's setting
   python benchmarks/quality.py --smoke                          # a few steps, for the tests
   python benchmarks/quality.py --report-only                    # tables and plots from the JSON
 """
@@ -74,6 +81,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "stable_spam": dict(optimizer="stable_spam"),
     "galore": dict(optimizer="galore"),
     "scale": dict(optimizer="scale"),
+    # The spike defences JAX trainers already have (issue 12), and SPAM behind one of them.
+    "adamw_clip_norm": dict(optimizer="adamw_clip_norm"),
+    "adamw_zclip": dict(optimizer="adamw_zclip"),
+    "adamw_skip": dict(optimizer="adamw_skip"),
+    "spam_clip_norm": dict(optimizer="spam_clip_norm"),
 }
 
 # LR grids (3 values each, x3 apart; the paper swept 1e-4..1e-3 for 60M at 10k steps: our models
@@ -155,7 +167,8 @@ _DATASETS: dict[tuple, data_lib.Dataset] = {}
 
 
 def _dataset(cfg: Config) -> data_lib.Dataset:
-  key = (cfg.data, cfg.seq_len, cfg.batch_size, cfg.eval_batches, cfg.seed, cfg.val_fraction)
+  key = (cfg.data, cfg.tokenizer, cfg.bpe_vocab, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
+         cfg.seed, cfg.val_fraction)
   if key not in _DATASETS:
     with tempfile.TemporaryDirectory() as tmp:
       _DATASETS[key] = data_lib.load_dataset(cfg, Path(tmp))
@@ -163,11 +176,12 @@ def _dataset(cfg: Config) -> data_lib.Dataset:
 
 
 def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, log_every: int,
-            num_evals: int) -> dict:
+            num_evals: int, common: dict | None = None) -> dict:
   """Trains one run and returns its record (final val loss/ppl, curves, state bytes, step time)."""
   fields = dict(model=spec.model, lr=spec.lr, seed=spec.seed, steps=spec.steps,
                 batch_size=batch_size, seq_len=seq_len, eval_batches=eval_batches, progress=False,
                 plot=False)
+  fields.update(common or {})
   fields.update(ROWS.get(spec.row, {}))
   fields.update(spec.overrides)
   cfg = Config(**fields)
@@ -270,6 +284,10 @@ class Store:
     self.data = {"meta": meta, "runs": {}}
     if self.path.exists():
       old = json.loads(self.path.read_text())
+      had = old.get("meta", {}).get("common", {})
+      if old.get("runs") and had != meta.get("common", {}):
+        raise SystemExit(f"{self.path} holds runs with settings {had}, not "
+                         f"{meta.get('common', {})}: pass another --json")
       self.data["runs"] = old.get("runs", {})
       self.data["meta"] = {**old.get("meta", {}), **meta}
 
@@ -315,6 +333,22 @@ def runner_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
   parser.add_argument("--report-only", action="store_true",
                       help="no training: tables and plots from the JSON")
   parser.add_argument("--no-plot", action="store_true")
+  # Settings shared by every run of a results file (its meta records them; a file holds one setting).
+  parser.add_argument("--tokenizer", default="auto", help="byte (auto) or bpe, trained locally")
+  parser.add_argument("--bpe-vocab", type=int, default=4096)
+  parser.add_argument("--reset-interval", type=int, help="SPAM's ΔT (default: the script's 500)")
+  parser.add_argument("--reset-warmup", type=int, help="SPAM's N (default: the script's 150)")
+
+
+def common_overrides(args) -> dict[str, Any]:
+  """The Config fields every run of this invocation shares, where they differ from the default."""
+  out: dict[str, Any] = {}
+  if getattr(args, "tokenizer", "auto") != "auto":
+    out.update(tokenizer=args.tokenizer, bpe_vocab=args.bpe_vocab)
+  for name in ("reset_interval", "reset_warmup"):
+    if getattr(args, name, None) is not None:
+      out[name] = getattr(args, name)
+  return out
 
 
 def execute(store: Store, spec: RunSpec, args, label: str = "") -> dict:
@@ -324,7 +358,7 @@ def execute(store: Store, spec: RunSpec, args, label: str = "") -> dict:
   t0 = time.perf_counter()
   rec = run_one(spec, batch_size=args.batch_size, seq_len=args.seq_len,
                 eval_batches=args.eval_batches, log_every=args.log_every,
-                num_evals=args.num_evals)
+                num_evals=args.num_evals, common=common_overrides(args))
   rec["wall_s"] = time.perf_counter() - t0
   store.put(rec)
   loss = "diverged" if rec["diverged"] else f"{rec['val_loss']:.4f}"
@@ -515,7 +549,8 @@ def main(argv=None):
       parser.error(f"bad --grid item {item!r}: expected ROW=LR/LR/...")
     GRIDS[row] = sorted(float(x) for x in lrs.split("/"))
   path = Path(args.json or RESULTS / f"quality_{args.model}.json")
-  store = Store(path, {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
+  store = Store(path, {"machine": machine(), "common": common_overrides(args),
+                       "batch_size": args.batch_size, "seq_len": args.seq_len,
                        "eval_batches": args.eval_batches, "grids": GRIDS})
   if not args.report_only:
     quality_protocol(store, args)

@@ -151,7 +151,8 @@ def main(argv=None) -> q.Store:
   if unknown:
     parser.error(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
   path = Path(args.json or q.RESULTS / f"quant_quality_{args.model}.json")
-  store = q.Store(path, {"machine": q.machine(), "batch_size": args.batch_size,
+  store = q.Store(path, {"machine": q.machine(), "common": q.common_overrides(args),
+                         "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "eval_batches": args.eval_batches,
                          "grid": args.grid, "group_size": args.group_size})
   if not args.report_only:

@@ -81,7 +81,8 @@ def main(argv=None):
     lrs[row] = best if best is not None else args.lr
     lr_source[row] = "quality grid" if best is not None else "--lr"
   path = Path(args.json or q.RESULTS / f"spikes_{args.model}.json")
-  store = q.Store(path, {"machine": q.machine(), "batch_size": args.batch_size,
+  store = q.Store(path, {"machine": q.machine(), "common": q.common_overrides(args),
+                         "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "sweeps": SWEEPS, "lrs": lrs,
                          "lr_source": lr_source})
 

@@ -7,7 +7,7 @@ steps of the tiny model on short sequences, in-process, and must print its table
 import math
 
 
-from benchmarks import ablations, bf16_state_quality, quality, quant_quality, spikes
+from benchmarks import ablations, bf16_state_quality, quality, quant_quality, spikes, update_rms
 
 
 def test_quality_smoke(tmp_path, capsys):
@@ -75,3 +75,17 @@ def test_nullify_zeroes_what_clip_clips():
   assert outs["clip"]["w"][0] == outs["nullify"]["w"][0] == 1.0
   assert float(outs["nullify"]["w"][2]) == float(outs["nullify"]["w"][3]) == 0.0
   assert 0 < float(outs["clip"]["w"][2]) < 1e4 and float(outs["clip"]["w"][3]) < 0
+
+
+def test_update_rms_smoke(tmp_path, capsys):
+  store = update_rms.main(["--smoke", "--json", str(tmp_path / "u.json")])
+  runs = {row: seeds["0"] for row, seeds in store["runs"].items()}
+  assert set(runs) == {"adam", "spam", "spam_restart_bc", "adam_lr_x1.6"}
+  assert all(math.isfinite(r["val_loss"]) for r in runs.values())
+  steps = store["meta"]["steps"]
+  assert all(len(r["effective"]) == steps and len(r["loss"]) == steps for r in runs.values())
+  # The reset updates (k = 5, 10: indices 4, 9) get SPAM's warmup factor 0.01: a tiny step.
+  spam = runs["spam"]["effective"]
+  assert spam[4] < 0.05 * spam[3] and spam[9] < 0.05 * spam[8]
+  out = capsys.readouterr().out
+  assert "spam direction / Adam" in out and "before the first reset" in out
