@@ -108,7 +108,9 @@ def report(store: dict) -> str:
     for name, r in runs.items():
       if name == "adam":
         continue
-      eff = np.asarray(r["effective"])
+      # relative to the base LR's schedule (a row run at lr_scale x the LR takes lr_scale x steps)
+      eff = np.asarray(r["effective"]) * ROWS.get(name, {}).get("lr_scale", 1.0)
+      warm = s if ROWS.get(name, {}).get("optimizer") == "spam" else np.ones_like(s)
       # array index i is update k = i + 1; the reset update k = r ΔT is index r ΔT - 1
       idx = [i for reset in range(dT - 1, steps, dT)
              for i in range(reset + lo, min(reset + hi, steps))]
@@ -116,11 +118,11 @@ def report(store: dict) -> str:
         cells += ["-", "-"]
         continue
       cells.append(f"{np.mean(eff[idx] / adam[idx]):.2f}")
-      cells.append(f"{np.mean(eff[idx] / s[idx] / adam[idx]):.2f}")
+      cells.append(f"{np.mean(eff[idx] / warm[idx] / adam[idx]):.2f}")
     lines.append(f"| [{lo}, {hi}) | " + " | ".join(cells) + " |")
   before = list(range(max(1, dT // 2), dT - 1))  # updates k in [dT/2 + 1, dT): no reset yet
   lines.append(f"| before the first reset, k in [{before[0] + 1}, {dT}) | " + " | ".join(
-      f"{np.mean(np.asarray(r['effective'])[before] / adam[before]):.2f} | -"
+      f"{np.mean(np.asarray(r['effective'])[before] * ROWS.get(n, {}).get('lr_scale', 1.0) / adam[before]):.2f} | -"
       for n, r in runs.items() if n != "adam") + " |")
   lines += ["", f"Final validation loss ({meta.get('val_tokens', '?'):,} held-out tokens), mean ± "
             "std over seeds; differences paired by seed.", "",
@@ -154,12 +156,14 @@ def plot(store: dict, path: Path) -> None:
   fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
   for name, seeds in store["runs"].items():
     if "0" in seeds:
-      ax.plot(np.arange(1, meta["steps"] + 1), seeds["0"]["effective"], label=name, linewidth=0.9)
+      scale = ROWS.get(name, {}).get("lr_scale", 1.0)
+      ax.plot(np.arange(1, meta["steps"] + 1), np.asarray(seeds["0"]["effective"]) * scale,
+              label=name, linewidth=0.9)
   for reset in range(meta["reset_interval"], meta["steps"], meta["reset_interval"]):
     ax.axvline(reset + 1, color="gray", linestyle=":", linewidth=0.8)
   ax.set_yscale("log")
   ax.set_xlabel("update k")
-  ax.set_ylabel("RMS(Δp) / lr_t")
+  ax.set_ylabel("RMS(Δp) / lr_t (base LR)")
   ax.set_title(f"update size around resets ({meta['model']}, ΔT = {meta['reset_interval']}, "
                f"N = {meta['reset_warmup']})")
   ax.legend()
