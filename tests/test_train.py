@@ -382,6 +382,29 @@ def test_spike_defence_rows_are_the_documented_chains():
   assert int(state.inner_state[0].count) == 4  # AdamW saw the 4 quiet steps only
 
 
+def test_the_train_step_gives_the_loss_to_the_step_skip_rule():
+  # MaxText's rule tests the loss as well as the gradient norm: the training step passes its loss
+  # to the optimizer (an extra argument every other transform ignores).
+  from flax import nnx
+
+  import models
+  from train.step import make_train_step
+  cfg = Config(optimizer="adamw_skip", steps=4, warmup_steps=0, seq_len=8, batch_size=2)
+  model_cfg = models.get_config("tiny").replace(vocab_size=32)
+  graphdef, params = nnx.split(models.make_model(model_cfg), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  tx, schedule = optimizers.build_optimizer(cfg)
+  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
+  step = jax.jit(make_train_step(cfg, graphdef, tx, schedule, 32))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 9)), jnp.int32)
+  batch = {"tokens": tokens, "weights": jnp.ones((2, 8), jnp.float32)}
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(np.asarray(state["opt_state"].losses[:3]), losses, rtol=1e-6)
+
+
 def test_state_rounding_reaches_spam_and_stable_spam(tmp_path):
   assert parse_args(["--state-rounding", "nearest"]).state_rounding == "nearest"
   assert Config().state_rounding == "stochastic"

@@ -49,7 +49,10 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sch
     loss, grads = jax.value_and_grad(lambda p: mean_loss(graphdef, p, batch))(state["params"])
     if inject and cfg.spike_mode != "input":
       grads, injected = inject_spikes(cfg, key, grads=grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    # The loss goes to the optimizer as an extra argument (optax's convention): the step-skip
+    # rule (adamw_skip) tests it as MaxText does; every other transform ignores it.
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, state["opt_state"], state["params"], loss=loss)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "injected": injected, **spike_report.step_metrics(opt_state)}
     params = optax.apply_updates(state["params"], updates)
