@@ -63,6 +63,5 @@ def sample(training: Training, params, prompt: np.ndarray, num_tokens: int, cont
     return buffer
 
   out = generate(params, buffer, jax.random.key(seed))
-  first = jax.device_get(out.addressable_shards[0].data)[0] if jax.process_count() > 1 else (
-      jax.device_get(out)[0])
+  first = jax.device_get(out.addressable_shards[0].data)[0]  # row 0 on process 0
   return np.asarray(first[len(prompt):])

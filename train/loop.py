@@ -59,7 +59,8 @@ def run(cfg: Config) -> RunResult:
     cleanup.callback(checkpointer.close)
     batches = dataset.train_iterator()
     cleanup.callback(batches.close)  # stops grain's prefetch threads
-    state, start = _restore_or_init(cfg, training, checkpointer, batches, dataset, writer, workdir)
+    state, start = _restore_or_init(cfg, training, checkpointer, batches, dataset, meta["compat"],
+                                    writer, workdir)
     steps = StepLog(cfg, writer, workdir, start, cfg.batch_size * cfg.seq_len,
                     throughput.train_flops_per_token(training.model_cfg, cfg.seq_len))
     cleanup.callback(steps.close)
@@ -101,7 +102,7 @@ def run(cfg: Config) -> RunResult:
                                       jax.device_count()) if trained else None)
 
 
-def _restore_or_init(cfg, training, checkpointer, batches, dataset, writer, workdir):
+def _restore_or_init(cfg, training, checkpointer, batches, dataset, compat, writer, workdir):
   """(state, start step): the latest checkpoint with its data position, or a fresh start."""
   latest = checkpointer.latest_step()
   if latest is None:
@@ -111,7 +112,6 @@ def _restore_or_init(cfg, training, checkpointer, batches, dataset, writer, work
           "state")
       return training.fresh_state(params), 0
     return _explain_oom(training.init, cfg)(), 0
-  compat = state_lib.compat_record(cfg, training.model_cfg, dataset.fingerprint)
   state, saved = checkpointer.restore(latest, training.abstract_state, compat)
   position = saved.get("data_position", {}).get("iterator")
   if position is not None:
