@@ -19,7 +19,9 @@ Usage::
   python benchmarks/train_step.py --json results.json
 
 Variants: ``adam``, ``adamw`` (weight decay 0, as every published run), ``spam`` (spam_optax.spam, which
-counts the entries it clips in its state), ``spam_d0.25`` (sparse momentum, density 0.25), ``stable_spam``.
+counts the entries it clips in its state), ``spam_d0.25`` (sparse momentum, density 0.25), ``stable_spam``;
+``spam_scan`` / ``stable_spam_scan``: the same with ``--scan-layers`` (stacked weights, layers under
+``lax.scan``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ VARIANTS = {
     "spam": dict(optimizer="spam"),
     "spam_d0.25": dict(optimizer="spam", density=0.25),
     "stable_spam": dict(optimizer="stable_spam"),
+    # The same optimizers with the weights stored stacked and the layers under lax.scan.
+    "spam_scan": dict(optimizer="spam", scan_layers=True),
+    "stable_spam_scan": dict(optimizer="stable_spam", scan_layers=True),
 }
 
 

@@ -10,9 +10,12 @@ from models.llama import (
     abstract_model,
     count_params,
     get_config,
+    layers_stacked,
     make_model,
     param_shardings,
     partition_specs,
+    stack_layers,
+    unstack_layers,
 )
 from models.hf import UnsupportedCheckpoint, from_pretrained, to_pretrained
 
@@ -26,9 +29,12 @@ __all__ = [
     "abstract_model",
     "count_params",
     "get_config",
+    "layers_stacked",
     "make_model",
     "param_shardings",
     "partition_specs",
+    "stack_layers",
+    "unstack_layers",
     "from_pretrained",
     "to_pretrained",
     "UnsupportedCheckpoint",

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.llama import Llama, LlamaConfig, make_model
+from models.llama import Llama, LlamaConfig, make_model, stack_layers, unstack_layers
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -154,7 +154,8 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LlamaConfig, dtype=No
   """
   dtype = jnp.dtype(dtype or cfg.param_dtype)
   expected = _names(cfg.num_layers)
-  model = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(make_model(cfg), nnx.Param)))
+  per_layer = cfg.replace(scan_layers=False)
+  model = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(make_model(per_layer), nnx.Param)))
   hf_names = {name for name, _ in expected.values()}
   extra = sorted(k for k in tensors if k not in hf_names and not k.endswith(_IGNORED_SUFFIXES))
   if extra:
@@ -174,11 +175,13 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LlamaConfig, dtype=No
       raise UnsupportedCheckpoint(f"{name}: shape {stored} does not match config.json (expected "
                                   f"{want[::-1] if transposed else want})")
     _set(params, path, np.ascontiguousarray(value).astype(dtype))
-  return params
+  return stack_layers(params) if cfg.scan_layers else params
 
 
 def params_to_hf(params: Mapping, num_layers: int, dtype=None) -> dict[str, np.ndarray]:
-  """Hugging Face tensors (numpy, C-contiguous) from the model's parameters (a pure dict)."""
+  """Hugging Face tensors (numpy, C-contiguous) from the model's parameters (a pure dict, either
+  layout)."""
+  params = unstack_layers(params)
   out = {}
   for path, (name, transposed) in _names(num_layers).items():
     value = np.asarray(jax.device_get(_get(params, path)))
@@ -261,21 +264,24 @@ def write_tensors(tensors: Mapping[str, np.ndarray], path: str | Path,
 # ----------------------------------------------------------------------------- public
 
 
-def load_pretrained(path: str | Path, precision: str = "fp32") -> tuple[LlamaConfig, dict]:
+def load_pretrained(path: str | Path, precision: str = "fp32",
+                    scan_layers: bool = False) -> tuple[LlamaConfig, dict]:
   """(config, parameters as a pure dict of numpy arrays) of a Hugging Face Llama directory."""
-  cfg = read_config(path).with_precision(precision)
+  cfg = read_config(path).with_precision(precision).replace(scan_layers=scan_layers)
   return cfg, params_from_hf(read_tensors(path), cfg)
 
 
-def from_pretrained(path: str | Path, precision: str = "fp32", **model_kwargs) -> Llama:
+def from_pretrained(path: str | Path, precision: str = "fp32", scan_layers: bool = False,
+                    **model_kwargs) -> Llama:
   """A :class:`Llama` holding the weights of a Hugging Face ``LlamaForCausalLM`` directory.
 
   Args:
     path: a local directory with ``config.json`` and ``*.safetensors`` (sharded or not).
     precision: ``fp32``, ``bf16`` or ``pure_bf16`` (see ``models.DTYPES``).
+    scan_layers: store the layers stacked and run them under ``scan`` (``LlamaConfig.scan_layers``).
     **model_kwargs: passed to :class:`Llama` (e.g. ``mesh``).
   """
-  cfg, params = load_pretrained(path, precision)
+  cfg, params = load_pretrained(path, precision, scan_layers)
   model = nnx.eval_shape(lambda: make_model(cfg, **model_kwargs))
   nnx.update(model, jax.tree.map(jnp.asarray, params))
   return model

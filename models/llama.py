@@ -76,10 +76,14 @@ class LlamaConfig:
       ``jax.nn.dot_product_attention``'s implementations (``cudnn``: flash attention on NVIDIA GPUs,
       bf16/fp16 only); ``cpu`` is this module's heads-major kernel, the fastest on XLA:CPU;
       ``auto`` is ``cpu`` on a CPU backend and ``xla`` elsewhere.
-    scan_layers: run the blocks under ``jax.lax.scan`` (one compiled block whatever the depth)
-      instead of a Python loop (unrolled). The parameters are stored per layer either way, so the
-      per-layer stacking and the optimizer's per-leaf update still grow with depth. Off by default:
-      on XLA:CPU the loop costs 16-18% of a tiny / 20m training step.
+    scan_layers: store the blocks' parameters stacked, each with a leading layer axis
+      (``layers/attn/q_proj/kernel`` of shape ``(num_layers, d, d)``, the layer axis never
+      sharded), and run them under ``jax.lax.scan``: one compiled block and one optimizer leaf per
+      weight whatever the depth, so compile time stays nearly flat in depth (as MaxText's
+      ``scan_layers``). Off: one parameter tree per layer (``layers/0/...``) and a Python loop
+      (unrolled), the default because on XLA:CPU the loop costs 16-18% of a tiny / 20m step. The
+      two layouts hold the same values for the same seed; :func:`stack_layers` /
+      :func:`unstack_layers` convert a parameter dict between them.
     remat: what the backward pass recomputes (``REMAT``): ``none``; ``block``: everything inside a
       block (least memory, ~1/3 more time); ``dots``: saves the projections' outputs, recomputes
       the rest (attention and the elementwise ops). On XLA:CPU this lowers peak memory only with
@@ -413,7 +417,8 @@ class Llama(nnx.Module):
     self.activation_sharding = (None if mesh is None else
                                 NamedSharding(mesh, P(BATCH_AXES, None, None)))
     self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, (TENSOR, FSDP), cfg, rngs, mesh)
-    self.layers = nnx.List([Block(cfg, rngs, mesh) for _ in range(cfg.num_layers)])
+    blocks = [Block(cfg, rngs, mesh) for _ in range(cfg.num_layers)]
+    self.layers = _stacked(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.hidden_size, cfg)
     self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, (FSDP, TENSOR), rngs, mesh)
 
@@ -448,14 +453,44 @@ class Llama(nnx.Module):
     return x
 
   def _scan_blocks(self, x, cos, sin):
-    # The blocks' parameters are stacked at use (one copy of them per step) so that the stored
-    # layout stays per layer: checkpoints, HF names and optimizers see the same tree either way.
-    split = [nnx.split(block) for block in self.layers]
-    graphdef = split[0][0]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in split))
+    graphdef, stacked = nnx.split(self.layers)
     apply = self._block_fn(graphdef)
     x, _ = jax.lax.scan(lambda h, state: (apply(h, state, cos, sin), None), x, stacked)
     return x
+
+
+def _stacked(blocks: list[Block]) -> Block:
+  """One Block whose parameters are the blocks' stacked on a leading, unsharded layer axis.
+
+  Built from per-layer blocks so that both layouts hold the same values for the same seed.
+  """
+  state = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in blocks))
+  for _, var in nnx.to_flat_state(state):
+    names = var.get_metadata().get("out_sharding") or (None,) * (var.ndim - 1)
+    var.set_metadata(out_sharding=(None, *names))
+  return nnx.merge(nnx.graphdef(blocks[0]), state)
+
+
+def layers_stacked(params) -> bool:
+  """Whether a parameter dict (as ``nnx.to_pure_dict`` gives) stores its blocks stacked."""
+  return not all(isinstance(key, int) for key in params["layers"])
+
+
+def stack_layers(params: dict) -> dict:
+  """The parameter dict in the stacked layout (``scan_layers=True``); unchanged if it already is."""
+  if layers_stacked(params):
+    return params
+  layers = [params["layers"][i] for i in sorted(params["layers"])]
+  stack = lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)  # host stays host
+  return {**params, "layers": jax.tree.map(stack, *layers)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The parameter dict in the per-layer layout (``scan_layers=False``); unchanged if it already is."""
+  if not layers_stacked(params):
+    return params
+  n = jax.tree.leaves(params["layers"])[0].shape[0]
+  return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}}
 
 
 def count_params(tree) -> int:

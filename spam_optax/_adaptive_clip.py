@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -17,8 +17,8 @@ class AdaptiveSpikeClipState(NamedTuple):
 
   Attributes:
     count: int32 number of updates done so far.
-    max_ema: per-leaf scalar, exponential moving average of ``max|g|`` of that leaf (not
-      bias-corrected). Dtype: the leaf's dtype promoted to at least float32.
+    max_ema: per leaf, a scalar (one per stacked tensor with ``stacked_axes``): exponential
+      moving average of ``max|g|`` of that tensor (not bias-corrected). Dtype: the leaf's dtype promoted to at least float32.
   """
 
   count: chex.Array
@@ -29,6 +29,7 @@ def adaptive_spike_clip(
     decay: float = 0.999,
     *,
     bias_correction_reset_interval: int = 0,
+    stacked_axes: Any = None,
 ) -> optax.GradientTransformation:
   r"""Rescales gradient entries above the running (bias-corrected) maximum of ``|g|``.
 
@@ -74,6 +75,11 @@ def adaptive_spike_clip(
     bias_correction_reset_interval: 0 (default) bias-corrects with the global update count; a
       positive value restarts the bias-correction step every that many updates, as Stable-SPAM's
       official code does with its momentum-reset interval.
+    stacked_axes: leading axes of a leaf that index separate tensors (layers stored stacked for
+      ``scan``): an int for every leaf, a tree of ints like the parameters, or a callable
+      ``params -> tree``. ``max|g|`` and its EMA are then per tensor (``max_ema`` of shape
+      ``leaf.shape[:n]``), exactly as if each slice were its own leaf.
+      Default None: 0 for every leaf.
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -86,10 +92,10 @@ def adaptive_spike_clip(
   _validate.check_int("bias_correction_reset_interval", bias_correction_reset_interval, 0)
 
   def init_fn(params):
+    stacked = _tree.stacked_axes_tree(stacked_axes, params)
+    zeros = lambda n, p: jnp.zeros(p.shape[:n], _numerics.compute_dtype(p.dtype))
     return AdaptiveSpikeClipState(
-        count=jnp.zeros([], jnp.int32),
-        max_ema=jax.tree.map(lambda p: jnp.zeros([], _numerics.compute_dtype(p.dtype)), params),
-    )
+        count=jnp.zeros([], jnp.int32), max_ema=jax.tree.map(zeros, stacked, params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -100,10 +106,11 @@ def adaptive_spike_clip(
       if g.size == 0:
         return g, m
       dt = m.dtype
-      gmax = _xla_cpu.abs_max(g).astype(dt)
+      gmax = _tree.per_tensor(_xla_cpu.abs_max, g, m.ndim).astype(dt)  # m: per tensor
       m_new = (decay * m + (1 - decay) * gmax).astype(dt)
       m_hat = m_new / (1 - _numerics.power(decay, s, dt))
       ratio = m_hat / jnp.where(gmax > 0, gmax, jnp.ones_like(gmax))
+      m_hat, ratio = _tree.broadcast_stacked(m_hat, g), _tree.broadcast_stacked(ratio, g)
       clipped = jnp.where(jnp.abs(g) > m_hat, g * ratio, g).astype(g.dtype)
       return clipped, m_new
 

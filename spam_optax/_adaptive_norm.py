@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -17,8 +17,8 @@ class AdaptiveGradNormState(NamedTuple):
 
   Attributes:
     count: int32 number of updates done so far.
-    mu_norm: per-leaf scalar, EMA of the leaf's gradient norm :math:`\\|g\\|_2` (not bias-corrected).
-    nu_norm: per-leaf scalar, EMA of :math:`\\|g\\|_2^2` (not bias-corrected).
+    mu_norm: per leaf, a scalar (or one per stacked tensor, see ``stacked_axes``): EMA of the leaf's gradient norm :math:`\\|g\\|_2` (not bias-corrected).
+    nu_norm: likewise, EMA of :math:`\\|g\\|_2^2` (not bias-corrected).
 
   Both are in the leaf's dtype promoted to at least float32.
   """
@@ -34,6 +34,7 @@ def adaptive_grad_norm(
     eps: float = 1e-8,
     *,
     bias_correction_reset_interval: int = 0,
+    stacked_axes: Any = None,
 ) -> optax.GradientTransformation:
   r"""Rescales each leaf's gradient to an adaptive, Adam-like normalised norm.
 
@@ -73,6 +74,11 @@ def adaptive_grad_norm(
     eps: added to the bias-corrected RMS of the norm.
     bias_correction_reset_interval: 0 (default) bias-corrects with the global update count; a
       positive value restarts the step every that many updates (Stable-SPAM's official behaviour).
+    stacked_axes: leading axes of a leaf that index separate tensors (layers stored stacked for
+      ``scan``): an int for every leaf, a tree of ints like the parameters, or a callable
+      ``params -> tree``. The norm and its EMAs are then kept per tensor (``mu_norm`` of shape
+      ``leaf.shape[:n]``), exactly as if each slice were its own leaf.
+      Default None: 0 for every leaf.
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -88,11 +94,12 @@ def adaptive_grad_norm(
   _validate.check_int("bias_correction_reset_interval", bias_correction_reset_interval, 0)
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros([], _numerics.compute_dtype(p.dtype))
+    stacked = _tree.stacked_axes_tree(stacked_axes, params)
+    zeros = lambda n, p: jnp.zeros(p.shape[:n], _numerics.compute_dtype(p.dtype))
     return AdaptiveGradNormState(
         count=jnp.zeros([], jnp.int32),
-        mu_norm=jax.tree.map(zeros, params),
-        nu_norm=jax.tree.map(zeros, params),
+        mu_norm=jax.tree.map(zeros, stacked, params),
+        nu_norm=jax.tree.map(zeros, stacked, params),
     )
 
   def update_fn(updates, state, params=None):
@@ -105,7 +112,7 @@ def adaptive_grad_norm(
       if g.size == 0:
         return g, m, v
       dt = m.dtype
-      n = jnp.sqrt(jnp.sum(jnp.square(g.astype(dt))))
+      n = jnp.sqrt(_tree.per_tensor(jnp.sum, jnp.square(g.astype(dt)), m.ndim))  # m: per tensor
       b1c = jnp.asarray(b1_t, dt)
       m_new = (b1c * m + (1 - b1c) * n).astype(dt)
       v_new = (b2 * v + (1 - b2) * n * n).astype(dt)
@@ -113,7 +120,7 @@ def adaptive_grad_norm(
       v_hat = v_new / (1 - _numerics.power(b2, s, dt))
       c = m_hat / (jnp.sqrt(v_hat) + eps)
       factor = jnp.where(n > 0, c / jnp.where(n > 0, n, jnp.ones_like(n)), jnp.ones_like(n))
-      return (g * factor).astype(g.dtype), m_new, v_new
+      return (g * _tree.broadcast_stacked(factor, g)).astype(g.dtype), m_new, v_new
 
     new_updates, new_mu, new_nu = _tree.map_multi(
         leaf, updates, state.mu_norm, state.nu_norm, n_out=3

@@ -226,6 +226,7 @@ def stable_spam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     rounding: str = "stochastic",
+    stacked_axes: Any = None,
 ) -> optax.GradientTransformation:
   r"""Stable-SPAM: adaptive spike clipping, adaptive norm, Adam with momentum reset.
 
@@ -303,6 +304,11 @@ def stable_spam(
     nu_dtype: dtype of Adam's second moment; None uses the parameters' dtype.
     rounding: ``"stochastic"`` (default) or ``"nearest"``: how Adam's moments are stored in a
       dtype narrower than float32 (see :func:`scale_by_stable_spam_adam`); no effect on float32.
+    stacked_axes: leading axes of a leaf that index separate tensors, for parameters stored
+      stacked (layers under ``scan``, as ``--scan-layers`` stores them): an int, a tree of ints
+      like the parameters, or a callable ``params -> tree``. AdaClip's max and AdaGN's norm are
+      then per tensor, so the update equals the one of the same weights stored per layer.
+      Default None (each leaf is one tensor).
 
   Returns:
     An :class:`optax.GradientTransformation` (an :func:`optax.chain`).
@@ -333,8 +339,10 @@ def stable_spam(
   stats_interval = 0 if corrected_reset else reset_interval
 
   parts = [
-      adaptive_spike_clip(gamma3, bias_correction_reset_interval=stats_interval),
-      adaptive_grad_norm(gamma1_t, gamma2, eps, bias_correction_reset_interval=stats_interval),
+      adaptive_spike_clip(gamma3, bias_correction_reset_interval=stats_interval,
+                          stacked_axes=stacked_axes),
+      adaptive_grad_norm(gamma1_t, gamma2, eps, bias_correction_reset_interval=stats_interval,
+                         stacked_axes=stacked_axes),
       scale_by_stable_spam_adam(
           b1_t, b2, eps, reset_interval=reset_interval, corrected_reset=corrected_reset,
           mu_dtype=mu_dtype, nu_dtype=nu_dtype, rounding=rounding,

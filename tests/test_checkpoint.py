@@ -77,7 +77,10 @@ def read_metrics(workdir: Path) -> list[dict]:
   return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("extra", [[], ["--density", "0.25"]], ids=["dense", "density0.25"])
+@pytest.mark.parametrize("extra", [[], ["--density", "0.25"],
+                                   ["--scan-layers", "--optimizer", "stable_spam",
+                                    "--stable-reset-interval", "6"]],
+                         ids=["dense", "density0.25", "scanned_stable_spam"])
 def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, extra):
   # Short SPAM cycles so that resets (and, sparse, re-drawn subsets) happen after the resume.
   args = FAST + ["--reset-interval", "6", "--reset-warmup", "2", "--clip-delay", "2",
@@ -145,6 +148,8 @@ def test_incompatible_checkpoint_names_path_and_differences(tmp_path):
   assert "num_layers" in message
   with pytest.raises(CheckpointError, match="density"):
     main(FAST + ["--workdir", str(work), "--steps", "4", "--density", "0.5"])
+  with pytest.raises(CheckpointError, match="'layer_storage': 'stacked'"):  # stacked weights
+    main(FAST + ["--workdir", str(work), "--steps", "4", "--scan-layers"])
   assert tree_digest(work / "checkpoints") == before
 
 

@@ -27,11 +27,12 @@ def tokens_96(tmp_path_factory):
   return str(path)
 
 
-def test_init_from_hf_then_export_gives_back_the_same_weights(tmp_path, tokens_96):
+@pytest.mark.parametrize("layers", [[], ["--scan-layers"]], ids=["per_layer", "stacked"])
+def test_init_from_hf_then_export_gives_back_the_same_weights(tmp_path, tokens_96, layers):
   # Step 1's learning rate is 0 (linear warmup from 0): the exported weights are the loaded ones.
   src = FIXTURES / "hf_llama_gqa"
   out = tmp_path / "export"
-  result = main(FAST + ["--data", tokens_96, "--init-from", str(src), "--steps", "1",
+  result = main(FAST + layers + ["--data", tokens_96, "--init-from", str(src), "--steps", "1",
                         "--schedule-steps", "4", "--warmup-steps", "2",
                         "--workdir", str(tmp_path / "run"),
                         "--export-hf", str(out)])
@@ -82,6 +83,13 @@ def test_init_from_own_checkpoint_takes_weights_and_shape_not_optimizer_state(tm
   from_hf = main(FAST + ["--init-from", str(tmp_path / "a_hf"), "--steps", "1", "--schedule-steps",
                          "4", "--warmup-steps", "2", "--workdir", str(tmp_path / "d")])
   assert from_hf.val_loss == pytest.approx(first.val_loss, rel=1e-6)
+  # The layer layout of a checkpoint is the run's; through the export it can change.
+  with pytest.raises(ConfigError, match="its layers are stored per layer .* without --scan-layers"):
+    main(FAST + ["--init-from", str(tmp_path / "a"), "--scan-layers", "--workdir",
+                 str(tmp_path / "e")])
+  stacked = main(FAST + ["--init-from", str(tmp_path / "a_hf"), "--steps", "1", "--schedule-steps",
+                         "4", "--warmup-steps", "2", "--scan-layers", "--workdir", str(tmp_path / "f")])
+  assert stacked.val_loss == pytest.approx(first.val_loss, rel=1e-5)
   third = main(FAST + ["--init-from", str(tmp_path / "a" / "checkpoints" / "2"), "--steps", "1",
                        "--schedule-steps", "4", "--warmup-steps", "2",
                        "--workdir", str(tmp_path / "c")])

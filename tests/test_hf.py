@@ -37,6 +37,20 @@ def test_logits_equal_hugging_face_to_float32_rounding(case):
   assert_matches_hf(FIXTURES / case, FIXTURES / case / "expected.npz")
 
 
+def test_stacked_layers_load_run_and_export_like_per_layer_ones(tmp_path):
+  case = FIXTURES / "hf_llama_gqa"
+  want = np.load(case / "expected.npz")
+  model = hf.from_pretrained(case, scan_layers=True)
+  assert nnx.state(model, nnx.Param)["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 32, 64)
+  np.testing.assert_allclose(logits_of(model, want["input_ids"]), want["logits"], rtol=1e-5,
+                             atol=1e-5)
+  written = hf.read_tensors(hf.to_pretrained(model, tmp_path / "out"))
+  original = hf.read_tensors(case)
+  assert written.keys() == original.keys()
+  for name, value in original.items():
+    np.testing.assert_array_equal(written[name], value, err_msg=name)
+
+
 def test_config_is_mapped_with_gqa_rope_base_and_eps():
   cfg = hf.read_config(FIXTURES / "hf_llama_gqa")
   assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (96, 32, 64, 2)

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from models import CONFIGS, make_model
+import models
+
+from models import CONFIGS, make_model, stack_layers, unstack_layers
 from models.llama import causal_attention, swiglu
 
 TINY = CONFIGS["tiny"].replace(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,
@@ -78,7 +81,7 @@ def logits_and_grads(**changes):
     return logits.astype(jnp.float32).std(), logits
 
   (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-  return logits, grads
+  return logits, unstack_layers(nnx.to_pure_dict(grads))  # either layout, compared per layer
 
 
 @pytest.mark.parametrize("scan_layers,remat", [(True, "none"), (False, "none"), (True, "block"),
@@ -89,11 +92,22 @@ def test_scan_unroll_and_remat_give_the_same_logits_and_gradients(scan_layers, r
   assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_parameters_are_stored_per_layer_whether_scanned_or_not():
-  scanned = nnx.to_pure_dict(nnx.state(make_model(TINY.replace(scan_layers=True)), nnx.Param))
-  looped = nnx.to_pure_dict(nnx.state(make_model(TINY.replace(scan_layers=False)), nnx.Param))
-  assert jax.tree.structure(scanned) == jax.tree.structure(looped)
-  assert scanned["layers"][1]["attn"]["q_proj"]["kernel"].shape == (32, 32)
+def test_scanned_model_stores_each_weight_once_stacked_with_the_same_values():
+  scanned = make_model(TINY.replace(scan_layers=True))
+  looped = make_model(TINY.replace(scan_layers=False))
+  stacked = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+  per_layer = nnx.to_pure_dict(nnx.state(looped, nnx.Param))
+  assert stacked["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 32)
+  assert per_layer["layers"][1]["attn"]["q_proj"]["kernel"].shape == (32, 32)
+  assert len(jax.tree.leaves(stacked["layers"])) == 9  # one leaf per weight, whatever the depth
+  assert_close(stack_layers(per_layer), stacked, rtol=0, atol=0)  # same seed, same values
+  assert_close(unstack_layers(stacked), per_layer, rtol=0, atol=0)
+  assert jax.tree.structure(unstack_layers(stacked)) == jax.tree.structure(per_layer)
+  # The layer axis is never sharded; the weight's own annotations follow it.
+  specs = models.partition_specs(nnx.state(scanned, nnx.Param))
+  assert specs["layers"]["attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
+  assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
+  assert specs["layers"]["input_norm"]["weight"] == P(None, None)
 
 
 def train_step_hlo(cfg, batch=2, seq=16) -> str:
@@ -133,17 +147,17 @@ def test_remat_names_and_the_former_boolean():
     TINY.replace(attention="flash")
 
 
-def test_checkpoints_restore_across_compute_choices():
+def test_checkpoints_restore_across_compute_choices_not_across_layer_storage():
   # The compatibility record a checkpoint is checked against holds the model's shape and numerics
-  # only, not attention / scan / remat: a checkpoint restores whichever way the step is computed.
+  # and its parameters' layout, not attention / remat: a checkpoint restores whichever way the step
+  # is computed, and a scanned run (stacked weights) refuses a per-layer checkpoint and back.
   from train.config import Config
   from train.state import compat_record, model_config
 
-  records = []
-  for changes in ({}, dict(attention="xla", scan_layers=True, remat="dots")):
-    cfg = Config(**changes)
-    records.append(compat_record(cfg, model_config(cfg, 256), {"data": "corpus"}))
+  records = [compat_record(cfg, model_config(cfg, 256), {"data": "corpus"})
+             for cfg in (Config(), Config(attention="xla", remat="dots"), Config(scan_layers=True))]
   assert records[0] == records[1]
   assert set(records[0]["model"]) == {
       "vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "num_kv_heads",
       "rope_base", "norm_eps", "init_std", "dtype", "param_dtype"}
+  assert records[2]["model"] == {**records[0]["model"], "layer_storage": "stacked"}

@@ -195,13 +195,14 @@ def test_only_the_seven_projection_kinds_of_the_model_are_quantized(precision, s
   provider = Q.make_provider("int4", 256)
   tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 256)
   quantized = logits(Q.quantize(model, "int4", provider=provider), tokens)
-  suffixes = {p.split("/", 2)[-1] for p in provider.quantized_paths}
+  suffixes = {"/".join(p.split("/")[-2:]) for p in provider.quantized_paths}
   assert suffixes == {"attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
                       "mlp/up_proj", "mlp/down_proj"}, provider.quantized_paths
-  # Under the scan every layer runs layer 0's module (its path); in the loop each its own.
-  layers = {p.split("/")[1] for p in provider.quantized_paths}
+  # Under the scan the one stacked block runs every layer (no layer index in its path); in the
+  # loop each layer is its own module.
   assert all(p.startswith("layers/") for p in provider.quantized_paths)
-  assert layers == ({"0"} if scan else {"0", "1"})
+  layers = {p.split("/")[1] for p in provider.quantized_paths}
+  assert layers == ({"attn", "mlp"} if scan else {"0", "1"})
   # Bounded, measured: relative logit error at initialisation (int4: fp32 0.22, bf16 0.22).
   ref = logits(model, tokens)
   rel = float(jnp.linalg.norm(quantized - ref) / jnp.linalg.norm(ref))

@@ -654,3 +654,39 @@ def test_no_full_size_copies_in_compiled_step(corrected):
   text = hlo.compile().as_text()
   copies = re.findall(r"= f32\[(?:256,96|96)\]\{[^}]*\} copy\(", text)
   assert not copies, copies
+
+
+def test_stacked_axes_equal_the_same_tensors_stored_one_per_leaf():
+  # Layers stored stacked (L, d, f) for scan: with stacked_axes=1 on them, AdaClip's max and AdaGN's
+  # norm are per layer, so the updates equal those of the layers as separate leaves.
+  layers, keys = 3, jax.random.split(jax.random.key(4), 6)
+  stacked = {"w": jax.random.normal(keys[0], (layers, 4, 5)), "b": jnp.ones(5)}
+  per_leaf = {"w": [stacked["w"][i] for i in range(layers)], "b": stacked["b"]}
+  kwargs = dict(reset_interval=4, total_steps=12)
+  tx_stacked = stable_spam(1e-2, stacked_axes={"w": 1, "b": 0}, **kwargs)
+  tx_leaf = stable_spam(1e-2, **kwargs)
+  s_stacked, s_leaf = tx_stacked.init(stacked), tx_leaf.init(per_leaf)
+  for t in range(10):
+    g = jax.random.normal(keys[1 + t % 5], (layers, 4, 5)) * (1 + 30 * (t == 6) * jnp.arange(3)[:, None, None])
+    grads = {"w": g, "b": g[0, 0] * 0.1}
+    u_stacked, s_stacked = tx_stacked.update(grads, s_stacked, stacked)
+    u_leaf, s_leaf = tx_leaf.update({"w": [g[i] for i in range(layers)], "b": grads["b"]}, s_leaf,
+                                    per_leaf)
+    np.testing.assert_allclose(u_stacked["w"], jnp.stack(u_leaf["w"]), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(u_stacked["b"], u_leaf["b"], rtol=1e-6, atol=1e-9)
+  # Per-tensor statistics, one per layer; without stacked_axes they would be one per leaf.
+  assert s_stacked[1].mu_norm["w"].shape == (layers,)
+  assert s_stacked[0].max_ema["b"].shape == ()
+  whole = stable_spam(1e-2, **kwargs)
+  u_whole, _ = whole.update(grads, whole.init(stacked), stacked)
+  assert not np.allclose(u_whole["w"], u_stacked["w"])  # the option changes what is a tensor
+
+
+def test_stacked_axes_are_checked_against_the_leaves():
+  params = {"w": jnp.zeros((3, 4)), "s": jnp.zeros(())}
+  with pytest.raises(ValueError, match=r"stacked_axes .* got 1 for a leaf of shape \(\)"):
+    stable_spam(1e-3, stacked_axes=1).init(params)
+  with pytest.raises(ValueError, match="stacked_axes"):
+    adaptive_grad_norm(stacked_axes={"w": 3, "s": 0}).init(params)
+  state = adaptive_spike_clip(stacked_axes=lambda p: {"w": 1, "s": 0}).init(params)
+  assert state.max_ema["w"].shape == (3,)

@@ -123,6 +123,19 @@ def test_sparse_run_on_a_tensor_parallel_mesh_resumes_on_one_device(tmp_path):
   assert resumed.val_loss == pytest.approx(whole.val_loss, rel=2e-5)
 
 
+def test_scanned_layers_on_a_mesh_train_like_the_per_layer_model(tmp_path):
+  """--scan-layers stores the weights stacked: on fsdp=4,tensor=2 with Stable-SPAM (per-tensor
+  statistics kept per layer) the losses equal the unrolled, per-layer model's on one device."""
+  args = FAST + ["--steps", "4", "--optimizer", "stable_spam", "--stable-reset-interval", "3"]
+  proc = run_cli(args + ["--workdir", str(tmp_path / "mesh"), "--mesh", "fsdp=4,tensor=2",
+                         "--scan-layers"], devices=8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  per_layer = main(args + ["--workdir", str(tmp_path / "one")])
+  scanned = [r for r in read_metrics(tmp_path / "mesh" / "metrics.jsonl") if "loss" in r]
+  np.testing.assert_allclose([r["loss"] for r in scanned],
+                             [per_layer.losses[s] for s in range(1, 5)], rtol=2e-5)
+
+
 def test_batch_that_does_not_divide_over_the_mesh_is_rejected_before_compiling(tmp_path):
   proc = run_cli(FAST + ["--workdir", str(tmp_path), "--steps", "2", "--mesh", "data=2,fsdp=4",
                          "--batch-size", "6"], devices=8)
@@ -166,6 +179,8 @@ def compiles():
     (["--warmup-steps", "2"], "--warmup-steps (2) must be in [0, schedule steps (2))"),
     (["--optimizer", "adamw", "--density", "0.5"], "--density applies to spam only"),
     (["--dtype", "fp16"], "valid: fp32, bf16, pure_bf16"),
+    (["--optimizer", "galore", "--scan-layers"], "--optimizer galore with --scan-layers: GaLore "
+                                                 "projects 2-D matrices"),
 ])
 def test_bad_input_is_a_clear_error_before_any_compilation(tmp_path, compiles, flags, message):
   empty = tmp_path / "empty.txt"

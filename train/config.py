@@ -173,8 +173,9 @@ class Config:
   """cpu (heads-major matmuls, fastest on XLA:CPU), xla or cudnn (jax.nn.dot_product_attention;
   cudnn = flash attention on NVIDIA GPUs, bf16 only); auto = cpu on a CPU backend, else xla."""
   scan_layers: bool = False
-  """Run the layers under lax.scan: one compiled block whatever the depth, but slower steps on
-  XLA:CPU (parameters and checkpoints are the same either way)."""
+  """Store each weight of all layers stacked (a leading layer axis) and run the layers under
+  lax.scan: compile time nearly flat in depth, but slower steps on XLA:CPU. Changes the checkpoint
+  layout (a per-layer checkpoint does not resume with it, nor back); not with galore / adafactor."""
   remat: str = "none"
   """Recompute in the backward pass: none, block (all of each block) or dots (all but the
   projections' outputs; on XLA:CPU it saves memory only with --scan-layers)."""

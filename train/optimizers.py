@@ -54,12 +54,33 @@ def projection_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(is_projection, params)
 
 
+def stacked_layer_axes(params) -> Any:
+  """1 for the blocks' weights stored stacked (``--scan-layers``: ``layers/...`` leaves carry a
+  leading layer axis), else 0: per-tensor statistics (Stable-SPAM's) stay per layer."""
+
+  def axes(path, _):
+    names = [jax.tree_util.keystr((entry,), simple=True) for entry in path]
+    return int(names[0] == "layers" and not names[1].isdigit())
+
+  return jax.tree_util.tree_map_with_path(axes, params)
+
+
+# Optimizers whose per-tensor rules have no notion of stacked layers: with --scan-layers they would
+# treat all layers of a weight as one tensor (GaLore would not project the 3-D kernels at all).
+PER_TENSOR_ONLY = {"galore": "GaLore projects 2-D matrices (optax.contrib.galore has no batch axes)",
+                   "adafactor": "Adafactor clips each tensor's update by its RMS"}
+
+
 def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer named by ``cfg.optimizer`` with the paper's schedule (and spike monitor).
 
   Hyper-parameters are checked by the library that builds the optimizer: its ``ValueError``
   (β out of range, N >= ΔT, a density outside (0, 1] ...) becomes a ConfigError with its message.
   """
+  if cfg.scan_layers and cfg.optimizer in PER_TENSOR_ONLY:
+    raise ConfigError(f"--optimizer {cfg.optimizer} with --scan-layers: "
+                      f"{PER_TENSOR_ONLY[cfg.optimizer]}, and --scan-layers stores each weight of "
+                      "all layers as one stacked tensor; run it without --scan-layers")
   try:
     tx, sched = _named_optimizer(cfg)
     if cfg.spike_monitor > 0:
@@ -101,7 +122,7 @@ def _named_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.S
         sched, b1=cfg.b1, b2=cfg.b2, gamma1=cfg.gamma1, gamma2=cfg.gamma2, gamma3=cfg.gamma3,
         reset_interval=cfg.stable_reset_interval, total_steps=cfg.total_schedule_steps,
         weight_decay=cfg.weight_decay, mu_dtype=mu_dtype, nu_dtype=mu_dtype,
-        rounding=cfg.state_rounding), sched
+        rounding=cfg.state_rounding, stacked_axes=stacked_layer_axes), sched
   if name == "adam":
     return adam(), sched
   if name == "adamw":

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from models import hf
-from models.llama import LlamaConfig
+from models.llama import LlamaConfig, layers_stacked, stack_layers
 from train import checkpoint as ckpt_lib
 from train.config import ConfigError
 
@@ -85,8 +85,17 @@ def load_params(path: str | Path, abstract_params):
       params = hf.params_from_hf(hf.read_tensors(path), cfg, dtype=np.float32)
     except hf.UnsupportedCheckpoint as e:
       raise ConfigError(f"--init-from {path}: {e}") from e
+    if layers_stacked(abstract_params):  # --scan-layers
+      params = stack_layers(params)
     return jax.tree.map(_place, params, abstract_params)
-  step_dir, _ = _read_meta(path)
+  step_dir, meta = _read_meta(path)
+  stacked = meta["compat"]["model"].get("layer_storage") == "stacked"
+  if stacked != layers_stacked(abstract_params):
+    raise ConfigError(
+        f"--init-from {step_dir}: its layers are stored {'stacked' if stacked else 'per layer'} "
+        f"(a run {'with' if stacked else 'without'} --scan-layers); start this run "
+        f"{'with' if stacked else 'without'} --scan-layers, or export it with --export-hf and "
+        "start from that directory (Hugging Face weights load in either layout)")
   # Only the parameters are read from the saved train state (its optimizer state is not needed).
   target, _ = ckpt_lib.to_savable({"params": abstract_params})
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
