@@ -116,9 +116,9 @@ def skip_step_on_spikes(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    zeros = jnp.zeros([window], jnp.float32)
+    zeros = lambda: jnp.zeros([window], jnp.float32)  # one buffer each: the state can be donated
     return SkipStepOnSpikesState(
-        count=jnp.zeros([], jnp.int32), grad_norms=zeros, losses=zeros,
+        count=jnp.zeros([], jnp.int32), grad_norms=zeros(), losses=zeros(),
         last_skipped=jnp.zeros([], jnp.bool_), total_skipped=jnp.zeros([], jnp.int32),
         inner_state=inner.init(params))
 

@@ -139,8 +139,9 @@ def zclip(
     dtype = jnp.float32
     for x in jax.tree.leaves(params):
       dtype = jnp.promote_types(dtype, x.dtype)
-    zero = jnp.zeros([], dtype)
-    return ZClipState(count=jnp.zeros([], jnp.int32), mean=zero, var=zero)
+    # One buffer per field: a state built outside jit can then be donated.
+    return ZClipState(count=jnp.zeros([], jnp.int32), mean=jnp.zeros([], dtype),
+                      var=jnp.zeros([], dtype))
 
   def update_fn(updates, state, params=None):
     del params

@@ -212,6 +212,29 @@ def test_competitors_under_multisteps_count_real_updates():
     assert counts == [3]
 
 
+DONATABLE = {
+    **COMPETITORS,
+    "spam": lambda: spam.spam(1e-2, **SMALL),
+    "spam_sparse": lambda: spam.spam(1e-2, density=0.5, key=jax.random.key(0), count_clipped=True,
+                                     **SMALL),
+    "stable_spam": lambda: spam.stable_spam(1e-2, total_steps=10),
+    "spike_monitor": lambda: optax.chain(spam.spike_monitor(5.0), optax.adam(1e-2)),
+    "scale": lambda: spam.scale(1e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(DONATABLE))
+def test_a_state_built_outside_jit_can_be_donated(name):
+  # Training loops donate the state to the jitted step; an init that puts one array in two places
+  # of the state makes that fail ("Attempt to donate the same buffer twice").
+  p = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+  state = DONATABLE[name]().init(p)
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)
+              if isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+  assert len(pointers) == len(set(pointers))
+  jax.block_until_ready(jax.jit(lambda s: s, donate_argnums=0)(state))
+
+
 # optax/contrib/_common_test.py's test_optimizers_can_be_wrapped_in_inject_hyperparams, ported: the
 # injected optimizer must give the same updates *and the same state structure* as the plain one.
 INJECTABLE = [
