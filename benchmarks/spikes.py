@@ -58,7 +58,15 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=3e-3,
                       help="LR for a row missing from the quality results")
   parser.add_argument("--quality-json", help="default: benchmarks/results/quality_<model>.json")
+  parser.add_argument("--severities", default="",
+                      help="override a sweep's severities: MODE=S/S/...,MODE=... (e.g. grad=100/1000)")
   args = parser.parse_args(argv)
+  sweeps = {m: dict(v) for m, v in SWEEPS.items()}
+  for item in filter(None, args.severities.split(",")):
+    mode, _, values = item.partition("=")
+    if mode not in sweeps or not values:
+      parser.error(f"--severities {item!r}: expected MODE=S/S/... with MODE in {', '.join(SWEEPS)}")
+    sweeps[mode]["severities"] = [float(v) for v in values.split("/")]
   q.smoke_defaults(args)
   if args.smoke:
     args.seeds = 1
@@ -83,11 +91,11 @@ def main(argv=None):
   path = Path(args.json or q.RESULTS / f"spikes_{args.model}.json")
   store = q.Store(path, {"machine": q.machine(), "common": q.common_overrides(args),
                          "batch_size": args.batch_size,
-                         "seq_len": args.seq_len, "sweeps": SWEEPS, "lrs": lrs,
+                         "seq_len": args.seq_len, "sweeps": sweeps, "lrs": lrs,
                          "lr_source": lr_source})
 
   def severities(mode):
-    sev = SWEEPS[mode]["severities"]
+    sev = sweeps[mode]["severities"]
     return sev[-1:] if args.smoke else sev
 
   if not args.report_only:
@@ -99,7 +107,7 @@ def main(argv=None):
       for sev in severities(mode):
         for row in rows:
           for seed in range(args.seeds):
-            over = dict(spike_mode=mode, spike_prob=SWEEPS[mode]["prob"], spike_scale=sev)
+            over = dict(spike_mode=mode, spike_prob=sweeps[mode]["prob"], spike_scale=sev)
             q.execute(store, q.RunSpec(args.model, row, lrs[row], seed, args.steps, over), args,
                       f"{mode} ")
 
@@ -116,14 +124,14 @@ def main(argv=None):
       for r in runs:
         o = r["overrides"]
         if r["row"] == row and o.get("spike_mode") == mode and r["lr"] == lrs[row] \
-           and r["steps"] == args.steps and o.get("spike_prob") == SWEEPS[mode]["prob"] \
+           and r["steps"] == args.steps and o.get("spike_prob") == sweeps[mode]["prob"] \
            and r["seed"] < args.seeds:
           d.setdefault(o["spike_scale"], {})[r["seed"]] = r["val_loss"]
   print(f"# {args.model}, {args.steps} steps x {args.batch_size} x {args.seq_len}; LRs {lrs} "
         f"({lr_source})")
   for mode in modes:
     sev = [0.0] + severities(mode)
-    print(f"\n{mode} (p = {SWEEPS[mode]['prob']:g}): final validation loss, mean over seeds "
+    print(f"\n{mode} (p = {sweeps[mode]['prob']:g}): final validation loss, mean over seeds "
           f"0..{args.seeds - 1} (in brackets: change vs the clean run of the same seed)\n")
     print("| optimizer | LR | " + " | ".join("clean" if s == 0 else f"severity {s:g}" for s in sev)
           + " |")
@@ -160,12 +168,12 @@ def main(argv=None):
               f"(clean run: see the quality results) -- " + "; ".join(counts))
   args._quality_runs = quality_runs
   if not args.no_plot and not args.smoke:
-    for png in plot(runs, table, rows, modes, lrs, args):
+    for png in plot(runs, table, rows, modes, lrs, args, sweeps):
       print(f"wrote {png}")
   print(f"results: {path}")
 
 
-def plot(runs, table, rows, modes, lrs, args) -> list[Path]:
+def plot(runs, table, rows, modes, lrs, args, sweeps) -> list[Path]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -173,7 +181,7 @@ def plot(runs, table, rows, modes, lrs, args) -> list[Path]:
   out = []
   fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4), dpi=80, squeeze=False)
   for ax, mode in zip(axes[0], modes):
-    sev = SWEEPS[mode]["severities"]
+    sev = sweeps[mode]["severities"]
     xs = list(range(len(sev) + 1))
     for i, row in enumerate(rows):
       d = table[(mode, row)]
@@ -182,7 +190,7 @@ def plot(runs, table, rows, modes, lrs, args) -> list[Path]:
       ax.plot(xs, means, marker="o", color=cmap(i), label=f"{row} ({q.fmt_lr(lrs[row])})")
     ax.set_xticks(xs, ["clean"] + [f"{s:g}" for s in sev])
     kind = "x gradient" if mode.startswith("grad") else "fraction of tokens"
-    ax.set(xlabel=f"severity ({kind}), p = {SWEEPS[mode]['prob']:g}", ylabel="final val loss",
+    ax.set(xlabel=f"severity ({kind}), p = {sweeps[mode]['prob']:g}", ylabel="final val loss",
            title=f"{args.model}: spikes injected ({mode})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -193,16 +201,17 @@ def plot(runs, table, rows, modes, lrs, args) -> list[Path]:
   plt.close(fig)
   out.append(path)
 
-  # Training loss minus clean Adam's (seed 0, same batches; the injected corruption is a function of
-  # seed and step only, so every optimizer sees the same one), smoothed over 4 windows.
+  # Training loss minus the first row's clean run (seed 0, same batches; the injected corruption is a
+  # function of seed and step only, so every optimizer sees the same one), smoothed over 4 windows.
   quality_runs = getattr(args, "_quality_runs", [])
-  adam_clean = clean_runs(quality_runs, args.model, args.steps, "adam", lrs.get("adam")) or \
-      clean_runs(runs, args.model, args.steps, "adam", lrs.get("adam"))
+  base = rows[0]
+  adam_clean = clean_runs(quality_runs, args.model, args.steps, base, lrs.get(base)) or \
+      clean_runs(runs, args.model, args.steps, base, lrs.get(base))
   adam_clean = dict(next((r["train_curve"] for r in adam_clean if r["seed"] == 0), []))
   fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4), dpi=80, squeeze=False)
   k = 4
   for ax, mode in zip(axes[0], modes):
-    sev = SWEEPS[mode]["severities"][-1]
+    sev = sweeps[mode]["severities"][-1]
     for i, row in enumerate(rows):
       mine = [r for r in runs if r["row"] == row and r["overrides"].get("spike_mode") == mode
               and r["overrides"].get("spike_scale") == sev and r["lr"] == lrs[row]
@@ -213,12 +222,12 @@ def plot(runs, table, rows, modes, lrs, args) -> list[Path]:
       smooth = np.convolve([d for _, d in c], np.ones(k) / k, mode="valid")
       ax.plot([s for s, _ in c][k - 1:], smooth, color=cmap(i), lw=1.2, label=row)
     ax.axhline(0, color="k", lw=0.8)
-    title = f"{mode}, severity {sev:g}, p = {SWEEPS[mode]['prob']:g} (seed 0)"
+    title = f"{mode}, severity {sev:g}, p = {sweeps[mode]['prob']:g} (seed 0)"
     if mode == "input":  # the training loss includes the corrupted tokens: far above clean
       title += "\n(train loss includes the corrupted tokens)"
     elif mode == "grad_entries":
       ax.set_ylim(-0.15, 0.4)
-    ax.set(xlabel="step", ylabel="train loss - clean Adam's (100-step mean)", title=title)
+    ax.set(xlabel="step", ylabel=f"train loss - clean {base}'s ({k}-window mean)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()

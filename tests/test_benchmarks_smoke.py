@@ -4,6 +4,7 @@ The full runs are benchmarks, not tests (see benchmarks/QUALITY.md); here each s
 steps of the tiny model on short sequences, in-process, and must print its table.
 """
 
+import json
 import math
 
 
@@ -24,9 +25,11 @@ def test_quality_smoke(tmp_path, capsys):
 
 
 def test_spikes_smoke(tmp_path, capsys):
-  spikes.main(["--smoke", "--json", str(tmp_path / "s.json")])
+  spikes.main(["--smoke", "--json", str(tmp_path / "s.json"), "--severities", "input=0.3"])
   out = capsys.readouterr().out
-  assert "input (p = 0.1)" in out and "| spam |" in out
+  assert "input (p = 0.1)" in out and "| spam |" in out and "severity 0.3" in out
+  runs = json.loads((tmp_path / "s.json").read_text())["runs"].values()
+  assert {r["overrides"].get("spike_scale") for r in runs} == {None, 0.3}
 
 
 def test_ablations_smoke(tmp_path, capsys):
