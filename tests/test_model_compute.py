@@ -161,3 +161,23 @@ def test_checkpoints_restore_across_compute_choices_not_across_layer_storage():
       "vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "num_kv_heads",
       "rope_base", "norm_eps", "init_std", "dtype", "param_dtype"}
   assert records[2]["model"] == {**records[0]["model"], "layer_storage": "stacked"}
+
+
+def test_scanned_train_step_with_its_optimizer_does_not_grow_with_depth():
+  # The whole jitted step of the training script (forward, backward, SPAM update): with the weights
+  # stored stacked the program is the same size at any depth, which is what keeps compile time flat
+  # (benchmarks/RESULTS.md section 6); unrolled, it grows with every layer.
+  from train.config import Config
+  from train.mesh import make_mesh
+  from train.state import build_training, model_config
+
+  def size(layers, scan):
+    cfg = Config(model="tiny", batch_size=2, seq_len=16, optimizer="spam", progress=False,
+                 scan_layers=scan)
+    built = build_training(cfg, model_config(cfg, 64).replace(num_layers=layers), make_mesh(None))
+    batch = {"tokens": jax.ShapeDtypeStruct((2, 17), jnp.int32),
+             "weights": jax.ShapeDtypeStruct((2, 16), jnp.float32)}
+    return built.train_step.lower(built.abstract_state, batch).as_text().count("\n")
+
+  assert size(2, scan=True) == size(6, scan=True)
+  assert size(6, scan=False) > size(2, scan=False) + 500
