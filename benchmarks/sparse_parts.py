@@ -1,7 +1,7 @@
 """Where the sparse update's time goes on one device: the gather into compact form, the expansion
 fused with the parameter update, the offsets alone, against a dense ``p - lr g``.
 
-One leaf shaped like LLaMA-60M's eight gate (or up) kernels side by side, medians of interleaved
+One leaf shaped like LLaMA-60M's eight gate (or up) kernels stacked, medians of interleaved
 repeats (benchmarks/RESULTS.md, section 1).
 
     python -m benchmarks.sparse_parts [--small] [--repeats 20]
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import interleaved_medians
-from spam_optax._sparse import Strata, row_size
+from spam_optax._sparse import Strata, row_size, stratified_axis
 
 
 def main():
@@ -29,8 +29,8 @@ def main():
   key = jax.random.key(0)
   fns = {}
   for d in (0.25, 0.1):
-    k = row_size(shape[-1], d)
-    u = jax.random.normal(jax.random.key(3), shape[:-1] + (k,))
+    k = row_size(shape[stratified_axis(shape)], d)
+    u = jax.random.normal(jax.random.key(3), Strata.draw(key, shape, k).compact_shape)
     gather = jax.jit(lambda g, k=k: Strata.draw(key, shape, k).gather(g))
     expand = jax.jit(lambda p, u, k=k: p - 1e-3 * Strata.draw(key, shape, k).expand(u))
     offsets = jax.jit(lambda k=k: Strata.draw(key, shape, k).offsets.astype(jnp.int32))

@@ -98,8 +98,8 @@ def spam(
       state's shapes, so under ``optax.inject_hyperparams`` pass ``static_args=("density", "key")``.
     key: a `jax.random.key`, required when ``density < 1``.
     sparse_leaves: which leaves are sparse (pytree of bools or callable); default ndim >= 2.
-    sparse_row_multiple: `sparse_mask`'s ``row_multiple``: the number of entries kept per row is a
-      multiple of it (set it to the mesh axes that split the last dimension, see `sparse_mask`);
+    sparse_row_multiple: `sparse_mask`'s ``row_multiple``: the number of entries kept per column
+      is a multiple of it (set it to the mesh axes that split the rows, see `sparse_mask`);
       None: 1. Like ``density`` it fixes state shapes: under ``optax.inject_hyperparams`` add it
       to ``static_args`` when you set it.
     weight_decay: decoupled weight decay (default 0). Sparse leaves decay on their subset only.

@@ -1,41 +1,46 @@
 """Sparse momentum (SPEC §2): run an inner transform on a keyed random subset of each leaf.
 
-The layout, chosen so that sparse state shards like its parameter:
+The layout, chosen so that sparse state shards like its parameter and expands at the speed of a
+dense update:
 
-* A sparse leaf of shape ``(..., L)`` keeps ``k = max(1, round(d L))`` entries of every row (every
-  index of the leading axes) along its last axis. Its compact state has shape ``(..., k)``: the
-  same rank and leading dimensions, so **the parameter's own ``PartitionSpec`` applies unchanged**
-  whenever the sharded dimensions divide (a ``(d_in, d_out)`` kernel at d = 0.25 has moments of
-  shape ``(d_in, d_out / 4)``). Code that shards optimizer state like its parameters (path-matching
+* The strata run along a leaf's **rows** (axis -2; a vector's only axis). A sparse leaf of shape
+  ``(..., n, L)`` keeps ``k = max(1, round(d n))`` entries of every column (every index of the
+  other axes). Its compact state has shape ``(..., k, L)``: the same rank and every other
+  dimension, so **the parameter's own ``PartitionSpec`` applies unchanged** whenever the sharded
+  dimensions divide (a ``(d_in, d_out)`` kernel at d = 0.25 has moments of shape
+  ``(d_in / 4, d_out)``). Code that shards optimizer state like its parameters (path-matching
   rules, ``nnx.Optimizer`` metadata) shards sparse SPAM without knowing about it.
-* Each row is cut into ``k`` strata and one entry is drawn inside each, so the subset has exactly
-  ``rows x k`` entries and every entry has probability exactly ``k / L``. With ``g = gcd(k, L)``
-  the last axis is ``g`` blocks of ``m = L / g`` entries holding ``c = k / g`` strata each; with
-  ``q, r = divmod(m, c)`` a block is ``c`` main strata of ``q`` entries, interleaved (entry ``o``
-  of stratum ``s`` at position ``o c + s``: the block's first ``c q`` entries are ``q`` rows of
-  ``c``, one entry of every stratum per row), followed by ``r < c`` tail entries. When ``k``
-  divides ``L`` (c = 1, r = 0) every block is one stratum of ``L / k`` consecutive entries and the
-  draw is uniform inside it. Otherwise tail entry ``t`` of a block joins
+* Each column is cut into ``k`` strata and one entry is drawn inside each, so the subset has
+  exactly ``k x columns`` entries and every entry has probability exactly ``k / n``. With
+  ``g = gcd(k, n)`` the rows are ``g`` blocks of ``m = n / g`` rows holding ``c = k / g`` strata
+  each; with ``q, r = divmod(m, c)`` a block is ``c`` main strata of ``q`` rows, interleaved (row
+  ``o`` of stratum ``s`` at position ``o c + s``), followed by ``r < c`` tail rows. When ``k``
+  divides ``n`` (c = 1, r = 0) every block is one stratum of ``n / k`` consecutive rows and the
+  draw is uniform inside it. Otherwise tail row ``t`` of a block joins
   stratum ``(t + pairing) % c`` (``pairing`` uniform in ``[0, c)``, so a stratum has a tail entry
   with probability ``r / c``), and a stratum with a tail entry takes it with probability
   ``c / m`` and else a uniform main entry: every entry, main or tail, then has probability
-  ``c / m = k / L``.
+  ``c / m = k / n``.
+* Why rows: the expansion is fused into the parameter update, a loop over the leaf whose inner,
+  vectorised dimension is the last axis. With the strata along the rows, each row of that loop
+  belongs to one stratum position, so ``q`` and ``c`` cost nothing per entry; along the last axis
+  (this module's first layout) every entry needed a division by ``c`` and scalar loads, 5-6x a
+  dense update at d = 0.1 (benchmarks/RESULTS.md, section 1).
 * Everything happens inside a block, and a block inside a shard (a mesh axis of size T that
-  divides both ``k`` and ``L`` divides ``g``). Selection is ``iota == offset`` on the
-  ``(..., g, q, c)`` view and the expansion back is the same select broadcast over the block seen
-  as ``q + 1`` rows of ``c`` (the last row holds the tail, moved by a roll of a compact-sized
-  array inside its block; the last ``c - r`` positions are cut off). No gather or scatter with
-  computed indices, nothing XLA's SPMD partitioner must move between devices, and the expansion
-  fuses into the parameter update as one branch-free loop. The offsets are computed once per
-  update (a compact array of bytes), not once per entry (see ``_offsets_once``).
+  divides both ``k`` and ``n`` divides ``g``). Selection is ``iota == offset`` on the
+  ``(..., g, q, c, L)`` view and the expansion back is the same select, followed by the tail rows
+  (moved by a roll of a compact-sized array inside its block). No gather or scatter with computed
+  indices, nothing XLA's SPMD partitioner must move between devices, and the expansion fuses into
+  the parameter update as one branch-free loop. The offsets are computed once per update (a
+  compact array of bytes), not once per entry (see ``_offsets_once``).
 * The draw is a pure function of (key, leaf, reset index): three 32-bit seeds (the main draw, the
   tail draw and ``pairing``) come from ``jax.random.fold_in(fold_in(key, leaf_index),
   reset_index)``, and the draws of stratum ``i`` (its flat index in the compact state) are a
   counter-based hash (murmur3's 32-bit finaliser) of ``i`` and a seed. So subsets are identical
   on every device, host and mesh and after a restore, differ between keys, are re-drawn at every
   reset and are never stored.
-* Leaves that do not fit: a last dimension with ``d L < 1/2`` keeps one entry per row (density
-  ``1 / L > d``); a vector is a single row; scalars and empty leaves stay dense.
+* Leaves that do not fit: rows with ``d n < 1/2`` keep one entry per column (density
+  ``1 / n > d``); a vector is a single column; scalars and empty leaves stay dense.
 
 The draw is stratified, not independent as in the authors' code: exactly one entry per stratum,
 so every region of the tensor gets its share and the size is exact at every re-draw.
@@ -64,15 +69,15 @@ class SparseMaskState(NamedTuple):
   inner_state: optax.OptState
 
 
-def row_size(last_dim: int, density: float, multiple: int = 1) -> int:
-  """k: the entries kept per row of a leaf whose last dimension is `last_dim`, at density d.
+def row_size(n: int, density: float, multiple: int = 1) -> int:
+  """k: the entries kept along a stratified axis of length `n` (per index of the other axes).
 
-  ``max(1, round(d L))``, or with ``multiple`` (which must divide L to apply) a multiple of it, so
-  that a mesh axis of that size which splits the parameter's last dimension splits k too.
+  ``max(1, round(d n))``, or with ``multiple`` (which must divide n to apply) a multiple of it, so
+  that a mesh axis of that size which splits the parameter along that axis splits k too.
   """
-  if multiple > 1 and last_dim % multiple == 0:
-    return multiple * max(1, int(round(density * last_dim / multiple)))
-  return max(1, int(round(density * last_dim)))
+  if multiple > 1 and n % multiple == 0:
+    return multiple * max(1, int(round(density * n / multiple)))
+  return max(1, int(round(density * n)))
 
 
 def is_sparse(shape, selected: bool) -> bool:
@@ -88,31 +93,32 @@ def _unit(bits: jax.Array) -> jax.Array:
 _UNROLL = 16  # strata of up to this many entries select with a chain of selects (d >= ~1/16)
 
 
-def _select(view: jax.Array, offsets: jax.Array) -> jax.Array:
-  """view[..., offsets, :] along axis -2 (0 where offsets is out of range), without a gather.
+def _select(view: jax.Array, offsets: jax.Array, axis: int) -> jax.Array:
+  """The entries of `view` at position `offsets` along `axis` (0 where out of range), no gather.
 
-  `view` is (..., q, c), `offsets` (..., c). A chain of selects over the short axis is elementwise
-  on contiguous rows, so XLA fuses it into the moment updates; a masked sum is the fallback for long
-  strata (very low densities).
+  `offsets` has `view`'s shape without `axis`. A chain of selects over the short axis is
+  elementwise on contiguous rows, so XLA fuses it into the moment updates; a masked sum is the
+  fallback for long strata (very low densities).
   """
   zero = jnp.zeros([], view.dtype)
-  if view.shape[-2] <= _UNROLL:
+  rows = view.shape[axis]
+  if rows <= _UNROLL:
     out = jnp.broadcast_to(zero, offsets.shape)
-    for o in range(view.shape[-2]):
-      out = jnp.where(offsets == o, view[..., o, :], out)
+    for o in range(rows):
+      out = jnp.where(offsets == o, jax.lax.index_in_dim(view, o, axis, keepdims=False), out)
     return out
-  iota = jax.lax.broadcasted_iota(offsets.dtype, view.shape, view.ndim - 2)
-  return jnp.sum(jnp.where(iota == offsets[..., None, :], view, zero), axis=-2)
+  iota = jax.lax.broadcasted_iota(offsets.dtype, view.shape, axis % view.ndim)
+  return jnp.sum(jnp.where(iota == jnp.expand_dims(offsets, axis), view, zero), axis=axis)
 
 
-def _place(compact: jax.Array, offsets: jax.Array, rows: int) -> jax.Array:
-  """The (..., rows, c) array holding compact (..., c) in row offsets, exactly 0 elsewhere."""
-  shape = compact.shape[:-1] + (rows,) + compact.shape[-1:]
-  iota = jax.lax.broadcasted_iota(offsets.dtype, shape, len(shape) - 2)
-  return jnp.where(iota == offsets[..., None, :], compact[..., None, :],
-                   jnp.zeros([], compact.dtype))
-
-
+def _place(compact: jax.Array, offsets: jax.Array, rows: int, axis: int) -> jax.Array:
+  """`compact` with a new axis of size `rows` at `axis`, holding each value at its offset, exactly 0
+  elsewhere."""
+  compact, offsets = jnp.expand_dims(compact, axis), jnp.expand_dims(offsets, axis)
+  shape = list(compact.shape)
+  shape[axis] = rows
+  iota = jax.lax.broadcasted_iota(offsets.dtype, tuple(shape), axis % len(shape))
+  return jnp.where(iota == offsets, compact, jnp.zeros([], compact.dtype))
 # XLA:CPU fuses a cheap elementwise producer into every consumer, also one that reads each of its
 # elements several times (the expansion reads a stratum's offset and value for each of its q
 # entries): the draw's hashes then ran once per entry of the full-size update and once per gather,
@@ -138,28 +144,35 @@ def _values_once(x: jax.Array) -> jax.Array:
 
 
 class Strata(NamedTuple):
-  """The subset of one leaf for one reset index: its static layout and its drawn offsets."""
+  """The subset of one leaf for one reset index: its static layout and its drawn offsets.
+
+  The strata run along the leaf's stratified axis (:func:`stratified_axis`: the rows, axis -2, of
+  a leaf of rank >= 2; the only axis of a vector); the last axis of a matrix rides along.
+  """
 
   shape: tuple[int, ...]  # the leaf's
-  k: int  # entries kept per row
-  offsets: jax.Array  # (..., k): the chosen entry inside each stratum; q means its tail entry
+  k: int  # entries kept along the stratified axis, per index of the other axes
+  offsets: jax.Array  # compact-shaped: the chosen entry inside each stratum; q means its tail entry
   pairing: jax.Array  # int32 in [0, c): tail entry t of a block belongs to stratum (t + pairing) % c
 
   @staticmethod
   def blocks(shape, k: int) -> tuple[int, int, int, int]:
-    """(g, c, q, r): every row is g blocks of c strata; a block is c main strata of q entries
-    followed by r < c tail entries."""
-    g = math.gcd(k, shape[-1])
+    """(g, c, q, r): the stratified axis is g blocks of c strata; a block is c main strata of q
+    entries (interleaved: entry o of stratum s at position o c + s) followed by r < c tail
+    entries."""
+    n = shape[stratified_axis(shape)]
+    g = math.gcd(k, n)
     c = k // g
-    q, r = divmod(shape[-1] // g, c)
+    q, r = divmod(n // g, c)
     return g, c, q, r
 
   @classmethod
   def draw(cls, key: jax.Array, shape, k: int) -> "Strata":
     shape = tuple(shape)
-    if not 1 <= k <= shape[-1]:
-      raise ValueError(f"k must be in [1, {shape[-1]}], got {k}")
-    compact = shape[:-1] + (k,)
+    axis = stratified_axis(shape)
+    if not 1 <= k <= shape[axis]:
+      raise ValueError(f"k must be in [1, {shape[axis]}], got {k}")
+    compact = _compact(shape, k)
     if math.prod(compact) >= 1 << 31:
       raise ValueError(f"a sparse leaf's compact state must have fewer than 2**31 entries: {shape}")
     g, c, q, r = cls.blocks(shape, k)
@@ -171,7 +184,8 @@ class Strata(NamedTuple):
     if r:
       # Stratum j is paired with a tail entry when (j - pairing) % c < r (probability r / c); it
       # then takes that entry with probability c / m, which gives every entry probability c / m.
-      j = jax.lax.broadcasted_iota(jnp.int32, shape[:-1] + (g, c), len(shape)).reshape(compact)
+      lead, trail = shape[:axis], shape[axis + 1:]
+      j = jax.lax.broadcasted_iota(jnp.int32, lead + (g, c) + trail, len(lead) + 1).reshape(compact)
       paired = jnp.where(j >= pairing, j - pairing, j - pairing + c) < r
       take_tail = paired & (_unit(hash32(index, seed_tail)) < c / (c * q + r))
       offsets = jnp.where(take_tail, q, offsets)
@@ -179,40 +193,58 @@ class Strata(NamedTuple):
 
   @property
   def compact_shape(self) -> tuple[int, ...]:
-    return self.shape[:-1] + (self.k,)
+    return _compact(self.shape, self.k)
+
+  def _views(self):
+    """(lead, trail, g, c, q, r): the leaf is lead + (g, c q + r) + trail."""
+    axis = stratified_axis(self.shape)
+    g, c, q, r = self.blocks(self.shape, self.k)
+    return self.shape[:axis], self.shape[axis + 1:], g, c, q, r
 
   def gather(self, x: jax.Array) -> jax.Array:
-    """The compact (..., k) array of x's chosen entries."""
-    g, c, q, r = self.blocks(self.shape, self.k)
-    lead = self.shape[:-1]
-    x = x.reshape(lead + (g, c * q + r))
-    offsets = self.offsets.reshape(lead + (g, c))
-    out = _select(x[..., : c * q].reshape(lead + (g, q, c)), offsets)
+    """The compact array of x's chosen entries."""
+    lead, trail, g, c, q, r = self._views()
+    t = len(trail)
+    x = x.reshape(lead + (g, c * q + r) + trail)
+    offsets = self.offsets.reshape(lead + (g, c) + trail)
+    main = jax.lax.slice_in_dim(x, 0, c * q, axis=-1 - t).reshape(lead + (g, q, c) + trail)
+    out = _select(main, offsets, axis=-2 - t)
     if r:  # tail entry t sits in stratum (t + pairing) % c
-      tail = jnp.pad(x[..., c * q:], [(0, 0)] * (x.ndim - 1) + [(0, c - r)])
-      out = jnp.where(offsets == q, jnp.roll(tail, self.pairing, axis=-1), out)
+      tail = jax.lax.slice_in_dim(x, c * q, c * q + r, axis=-1 - t)
+      tail = jnp.pad(tail, [(0, 0)] * (x.ndim - 1 - t) + [(0, c - r)] + [(0, 0)] * t)
+      out = jnp.where(offsets == q, jnp.roll(tail, self.pairing, axis=-1 - t), out)
     return out.reshape(self.compact_shape)
 
   def expand(self, compact: jax.Array) -> jax.Array:
     """The full-size array holding `compact` on the subset and exactly 0 elsewhere.
 
-    A select on the block seen as ``(q + 1, c)`` (its last ``c - r`` positions cut off): row o < q
-    holds stratum s's value where its offset is o, row q the tail values rolled to their positions.
-    Every operand is a compact array broadcast along the rows, so the select fuses into the
-    parameter update as one loop without branches.
+    Row o < q of a block is a select of its strata's values where their offset is o; the r tail
+    entries follow (the tail values rolled to their positions). For a matrix the stratified axis
+    is the rows, so the vectorised inner loop over the last axis reads one stratum per row: the
+    block structure costs nothing per entry, whatever q and c are (d = 0.1 included).
     """
-    g, c, q, r = self.blocks(self.shape, self.k)
-    lead = self.shape[:-1]
-    compact = compact.reshape(lead + (g, c))
-    offsets = self.offsets.reshape(lead + (g, c))
+    lead, trail, g, c, q, r = self._views()
+    t = len(trail)
+    compact = compact.reshape(lead + (g, c) + trail)
+    offsets = self.offsets.reshape(lead + (g, c) + trail)
+    main = _place(compact, offsets, q, axis=-2 - t).reshape(lead + (g, q * c) + trail)
     if not r:
-      return _place(compact, offsets, q).reshape(self.shape)
+      return main.reshape(self.shape)
     zero = jnp.zeros([], compact.dtype)
-    tail = jnp.roll(jnp.where(offsets == q, compact, zero), -self.pairing, axis=-1)
-    grid = _place(compact, offsets, q + 1)  # row q: stratum s's own tail value, not entry s's
-    row = jax.lax.broadcasted_iota(jnp.int32, grid.shape, grid.ndim - 2)
-    grid = jnp.where(row == q, _values_once(tail)[..., None, :], grid)
-    return grid.reshape(lead + (g, (q + 1) * c))[..., : c * q + r].reshape(self.shape)
+    tail = jnp.roll(jnp.where(offsets == q, compact, zero), -self.pairing, axis=-1 - t)
+    tail = jax.lax.slice_in_dim(_values_once(tail), 0, r, axis=-1 - t)
+    return jnp.concatenate([main, tail], axis=-1 - t).reshape(self.shape)
+
+
+def stratified_axis(shape) -> int:
+  """The axis a leaf's strata run along: its rows (axis -2, so 0 for a matrix) for rank >= 2, its
+  only axis for a vector."""
+  return len(shape) - 2 if len(shape) >= 2 else len(shape) - 1
+
+
+def _compact(shape, k: int) -> tuple[int, ...]:
+  axis = stratified_axis(shape)
+  return tuple(shape[:axis]) + (k,) + tuple(shape[axis + 1:])
 
 
 def _resolve_selection(leaves, params):
@@ -234,11 +266,12 @@ def sparse_mask(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on a random subset of each selected leaf; the other entries get zero update.
 
-  For each selected leaf of shape ``(..., L)`` a subset of ``k = max(1, round(d L))`` entries of
-  every row is drawn from `key` and the reset index ``r = k // ΔT``, so it is re-drawn at every
-  update with ``k % ΔT == 0``. `inner` sees, for a selected leaf, the compact ``(..., k)`` array
-  of the subset's gradients (and parameters); unselected leaves reach it whole. Its state
-  therefore exists only for the selected entries, in the parameter's rank and leading dimensions:
+  For each selected leaf of shape ``(..., n, L)`` a subset of ``k = max(1, round(d n))`` entries
+  of every column is drawn from `key` and the reset index ``r = k // ΔT``, so it is re-drawn at
+  every update with ``k % ΔT == 0``. `inner` sees, for a selected leaf, the compact
+  ``(..., k, L)`` array of the subset's gradients (and parameters); unselected leaves reach it
+  whole (a vector ``(n,)`` becomes ``(k,)``). Its state therefore exists only for the selected
+  entries, in the parameter's rank and other dimensions:
   at density d the optimizer state is about ``d`` x the dense state, plus a key and a count, and
   the parameter's sharding applies to it unchanged. No mask is stored; the subset is regenerated
   from the key at every update (see the module docstring for the layout and the draw).
@@ -254,8 +287,8 @@ def sparse_mask(
     ...                      reset_interval=500, key=jax.random.key(0)),
     ...     optax.scale_by_learning_rate(1e-3))
     >>> state = tx.init({"w": jnp.ones((8, 16))})
-    >>> state[0].inner_state.mu["w"].shape  # 4 of every row's 16 entries
-    (8, 4)
+    >>> state[0].inner_state.mu["w"].shape  # 2 of every column's 8 entries
+    (2, 16)
 
   Args:
     inner: the transform to run on the subsets.
@@ -264,10 +297,10 @@ def sparse_mask(
     key: a `jax.random.key`; the subsets are a pure function of it.
     leaves: which leaves are sparse: a pytree of bools matching the parameters, or a callable
       ``params -> pytree of bools`` (as in `optax.masked`). Default: every leaf with ndim >= 2.
-    row_multiple: make k a multiple of this wherever it divides L. Set it to the size of the mesh
-      axes that split the parameters' last dimension when ``d L`` is not a multiple of them (for
-      example d = 0.1 with L = 512 on 8 devices: k = 48 instead of 51); otherwise XLA moves the
-      leaves between devices to expand them. It fixes state shapes, as `density` does.
+    row_multiple: make k a multiple of this wherever it divides n. Set it to the size of the mesh
+      axes that split the parameters' rows when ``d n`` is not a multiple of them (for example
+      d = 0.1 with n = 512 on fsdp = 8: k = 48 instead of 51); otherwise XLA moves the leaves
+      between devices to expand them. It fixes state shapes, as `density` does.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `SparseMaskState`.
@@ -295,7 +328,8 @@ def sparse_mask(
     for i, (sel, x) in enumerate(zip(selection, treedef.flatten_up_to(tree))):
       shape = tuple(np.shape(x))
       leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), r)
-      strata.append(Strata.draw(leaf_key, shape, row_size(shape[-1], density, row_multiple))
+      n = shape[stratified_axis(shape)] if shape else 0
+      strata.append(Strata.draw(leaf_key, shape, row_size(n, density, row_multiple))
                     if is_sparse(shape, sel) else None)
     return treedef, strata
 

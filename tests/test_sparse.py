@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spam_optax as spam
-from spam_optax._sparse import Strata, row_size
+from spam_optax._sparse import Strata, row_size, stratified_axis
 
 
 def selected(updates):
@@ -37,7 +37,7 @@ def sparse_run(key, steps, density=0.25, interval=5, shape=(40, 25)):
 def test_fraction_zero_update_and_dense_leaves():
   masks, _ = sparse_run(jax.random.key(0), 3)
   for m in masks:
-    assert (m["w"].sum(1) == 6).all()  # exactly round(0.25 * 25) entries of every row move
+    assert (m["w"].sum(0) == 10).all()  # exactly round(0.25 * 40) entries of every column move
     assert m["b"].all()  # 1-D leaves stay dense by default
   assert (masks[0]["w"] == masks[2]["w"]).all()  # same subset within an interval
 
@@ -61,42 +61,47 @@ def test_same_key_same_subset_different_key_different():
 @pytest.mark.parametrize("length, density", [(12, 0.25), (10, 0.3), (7, 0.5), (9, 0.9), (512, 0.1),
                                              (1376, 0.1)])
 def test_every_entry_equally_likely(length, density):
-  """Every entry of a row has probability k / L, also when the strata differ in size (tail)."""
+  """Every entry has probability k / n, also when the strata differ in size (tail): along a vector,
+  and along the rows of a matrix (every column drawn alike)."""
   k = row_size(length, density)
-  draw = jax.jit(jax.vmap(lambda key: Strata.draw(key, (length,), k).expand(jnp.ones(k))))
   n = 6000
-  chosen = np.asarray(draw(jax.random.split(jax.random.key(0), n))) != 0
-  assert (chosen.sum(1) == k).all()
-  p = k / length
-  np.testing.assert_allclose(chosen.mean(0), p, atol=4.5 * np.sqrt(p * (1 - p) / n))
+  for shape in ((length,), (length, 3)):
+    compact = (k,) + shape[1:]
+    draw = jax.jit(jax.vmap(lambda key: Strata.draw(key, shape, k).expand(jnp.ones(compact))))
+    chosen = np.asarray(draw(jax.random.split(jax.random.key(0), n))) != 0
+    assert (chosen.sum(1) == k).all()
+    p = k / length
+    np.testing.assert_allclose(chosen.mean(0), p, atol=4.5 * np.sqrt(p * (1 - p) / n))
 
 
 @settings(max_examples=10, deadline=None)  # each shape compiles anew
 @given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), density=st.floats(0.01, 1.0),
        seed=st.integers(0, 2**30))
 def test_gather_and_expand_agree(shape, density, seed):
-  """expand puts the compact (..., k) values on exactly k entries of every row; gather reads them
-  back."""
+  """expand puts the compact values on exactly k entries of every line along the stratified axis
+  (the rows of a matrix, a vector's only axis); gather reads them back."""
   shape = tuple(shape)
-  k = row_size(shape[-1], density)
+  axis = stratified_axis(shape)
+  k = row_size(shape[axis], density)
   s = Strata.draw(jax.random.key(seed), shape, k)
   compact = jnp.arange(1.0, np.prod(s.compact_shape) + 1).reshape(s.compact_shape)
   full = np.asarray(s.expand(compact))
-  assert full.shape == shape
-  assert (np.count_nonzero(full.reshape(-1, shape[-1]), axis=1) == k).all()
+  assert full.shape == shape and s.compact_shape == shape[:axis] + (k,) + shape[axis + 1:]
+  assert (np.count_nonzero(np.moveaxis(full, axis, -1).reshape(-1, shape[axis]), axis=1) == k).all()
   np.testing.assert_array_equal(np.asarray(s.gather(jnp.asarray(full))), np.asarray(compact))
 
 
-def test_compact_state_keeps_the_leaf_rank_and_leading_dimensions():
+def test_compact_state_keeps_the_leaf_rank_and_its_other_dimensions():
   params = {"kernel": jnp.ones((8, 16)), "conv": jnp.ones((3, 4, 10)), "narrow": jnp.ones((50, 2)),
-            "vec": jnp.ones(10), "scalar": jnp.ones(())}
+            "short": jnp.ones((1, 40)), "vec": jnp.ones(10), "scalar": jnp.ones(())}
   tx = spam.spam(1e-3, density=0.25, key=jax.random.key(0), sparse_leaves=lambda p: jax.tree.map(
       lambda _: True, p))  # every leaf selected, even the vector and the scalar
   mu = tx.init(params)[0].inner_state[0].mu
   assert {n: x.shape for n, x in mu.items()} == {
-      "kernel": (8, 4), "conv": (3, 4, 2), "narrow": (50, 1), "vec": (2,), "scalar": ()}
+      "kernel": (2, 16), "conv": (3, 1, 10), "narrow": (12, 2), "short": (1, 40), "vec": (2,),
+      "scalar": ()}
   u, _ = tx.update(params, tx.init(params), params)
-  assert np.count_nonzero(u["narrow"]) == 50  # d L < 1/2: one entry per row
+  assert np.count_nonzero(u["short"]) == 40  # d n < 1/2: one entry per column
   assert np.count_nonzero(u["scalar"]) == 1  # scalars stay dense
 
 
@@ -104,8 +109,8 @@ def test_row_multiple_rounds_k_to_a_multiple_where_it_divides_the_row():
   assert [row_size(512, 0.1, m) for m in (1, 8, 3)] == [51, 48, 51]  # 3 does not divide 512
   assert row_size(16, 0.01, 8) == 8  # at least one multiple
   tx = spam.spam(1e-3, density=0.1, key=jax.random.key(0), sparse_row_multiple=8)
-  mu = tx.init({"w": jnp.ones((4, 512))})[0].inner_state[0].mu
-  assert mu["w"].shape == (4, 48)
+  mu = tx.init({"w": jnp.ones((512, 4))})[0].inner_state[0].mu
+  assert mu["w"].shape == (48, 4)
   with pytest.raises(ValueError, match="row_multiple"):
     spam.sparse_mask(spam.scale_by_adam_with_reset(), 0.5, key=jax.random.key(0), row_multiple=0)
 

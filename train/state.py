@@ -54,6 +54,8 @@ def compat_record(cfg: Config, model_cfg: models.LlamaConfig, data_fingerprint: 
   opt["spike_monitor"] = cfg.spike_monitor > 0  # it adds a state to the chain
   if cfg.optimizer == "spam":
     opt.update(density=cfg.density, reset_interval=cfg.reset_interval)
+    if cfg.density < 1:  # strata along the rows; checkpoints of the older last-axis layout lack it
+      opt["sparse_layout"] = "rows"
   quant = {"type": cfg.quant, "group_size": cfg.quant_group_size if cfg.quant != "none" else None}
   return {"model": model, "optimizer": opt, "data": data_fingerprint,
           "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "quant": quant}
@@ -68,8 +70,8 @@ def state_shardings(abstract_state, param_sh: dict, mesh: Mesh):
 
   An optimizer-state leaf whose key path ends with a parameter's path and has its rank gets that
   parameter's PartitionSpec (less the axes its shape does not divide): Adam's and SPAM's moments,
-  and sparse SPAM's compact moments, whose layout keeps the parameter's rank and leading
-  dimensions for exactly this. Other large leaves (GaLore's projections) are split over ``fsdp``
+  and sparse SPAM's compact moments, whose layout keeps the parameter's rank and every dimension
+  but the rows for exactly this. Other large leaves (GaLore's projections) are split over ``fsdp``
   along their first dimension when it divides; scalars and keys are replicated.
   """
   by_path = {_names(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
