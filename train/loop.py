@@ -42,13 +42,14 @@ class RunResult:
 def run(cfg: Config) -> RunResult:
   """Trains (or resumes) as configured; returns the final validation loss and perplexity."""
   validate(cfg)
-  optimizers.build_optimizer(cfg)  # the library checks its hyper-parameters (ConfigError)
+  optimizer = optimizers.build_optimizer(cfg)  # the library checks its hyper-parameters here
   mesh_lib.maybe_initialize_distributed(cfg)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   mesh_lib.check_batch(cfg, mesh)
   workdir = Path(cfg.workdir)
   dataset = data_lib.load_dataset(cfg, workdir)
-  training = state_lib.build_training(cfg, state_lib.model_config(cfg, dataset.vocab_size), mesh)
+  training = state_lib.build_training(cfg, state_lib.model_config(cfg, dataset.vocab_size), mesh,
+                                      optimizer)
   _describe(cfg, training, mesh, dataset)
   meta = {"compat": state_lib.compat_record(cfg, training.model_cfg, dataset.fingerprint),
           "config": cfg.to_dict(), "versions": _versions()}

@@ -122,12 +122,15 @@ class Training:
     return state
 
 
-def build_training(cfg: Config, model_cfg: models.LlamaConfig, mesh: Mesh) -> Training:
+def build_training(cfg: Config, model_cfg: models.LlamaConfig, mesh: Mesh,
+                   optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None
+                   ) -> Training:
   """The optimizer, the abstract train state with its shardings, and the jitted steps.
 
+  `optimizer` is ``optimizers.build_optimizer(cfg)``'s result when the caller has built it already.
   Nothing is allocated or compiled here: that happens on the first call of ``init`` / the steps.
   """
-  tx, schedule = optimizers.build_optimizer(cfg)
+  tx, schedule = optimizer or optimizers.build_optimizer(cfg)
   # --quant: the graphdef carries qwix's interception; the parameters are the float ones.
   abstract = quant_lib.quantize(models.abstract_model(model_cfg, mesh=mesh), cfg.quant,
                                 cfg.quant_group_size)
