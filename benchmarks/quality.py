@@ -432,13 +432,15 @@ def quality_protocol(store: Store, args) -> None:
 
 
 def quality_table(runs: list[dict], model: str, steps: int, rows: list[str]) -> str:
+  """The table; differences are against ``adam`` when it is a row, else against the first row."""
   runs = [r for r in runs if r["model"] == model and r["steps"] == steps and not r["overrides"]]
+  base = "adam" if "adam" in rows else rows[0]
   out = ["| optimizer | LR grid (seed 0: final val loss) | best LR | seeds | val loss | val ppl | "
-         "Δ loss vs adam (paired by seed) | optimizer state | step ms |",
+         f"Δ loss vs {base} (paired by seed) | optimizer state | step ms |",
          "|---|---|---|---|---|---|---|---|---|"]
-  adam_lr = best_lr(runs, "adam")
+  adam_lr = best_lr(runs, base)
   adam_by_seed = {r["seed"]: r["val_loss"] for r in runs
-                  if r["row"] == "adam" and r["lr"] == adam_lr and not r["diverged"]}
+                  if r["row"] == base and r["lr"] == adam_lr and not r["diverged"]}
   for row in rows:
     mine = [r for r in runs if r["row"] == row]
     if not mine:
@@ -455,7 +457,7 @@ def quality_table(runs: list[dict], model: str, steps: int, rows: list[str]) -> 
     steps_ms = [r["step_ms"] for r in mine if r["step_ms"]]
     step_txt = f"{min(steps_ms):.1f}" if steps_ms else "-"
     diffs = [r["val_loss"] - adam_by_seed[r["seed"]] for r in best if r["seed"] in adam_by_seed]
-    diff_txt = "-" if row == "adam" or not diffs else fmt_mean_std(diffs, 3)
+    diff_txt = "-" if row == base or not diffs else fmt_mean_std(diffs, 3)
     out.append(f"| {row} | {grid_txt} | {fmt_lr(lr) if lr else '-'} | {len(best)} | "
                f"{fmt_mean_std(losses)} | {fmt_mean_std(ppls, 3)} | {diff_txt} | "
                f"{fmt_bytes(mine[0]['state_bytes'])} | {step_txt} |")
@@ -533,6 +535,9 @@ def main(argv=None):
   parser.add_argument("--grid", default="",
                       help="override LR grids: ROW=LR/LR/...,ROW=... (e.g. adam=1e-3/3e-3)")
   parser.add_argument("--plot", help="loss-curve PNG (default: docs/quality_<model>.png)")
+  parser.add_argument("--also-json", default="",
+                      help="results files (comma-separated) whose runs join the report, read only: "
+                      "the same setting run by another process into its own file")
   args = parser.parse_args(argv)
   smoke_defaults(args)
   if args.smoke:
@@ -554,11 +559,14 @@ def main(argv=None):
                        "eval_batches": args.eval_batches, "grids": GRIDS})
   if not args.report_only:
     quality_protocol(store, args)
+  runs = store.runs()
+  for extra in filter(None, args.also_json.split(",")):
+    runs += list(Store(Path(extra), {"common": common_overrides(args)}).data["runs"].values())
   print(f"# {args.model}, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens = "
         f"{args.steps * args.batch_size * args.seq_len:,} tokens; {machine()}")
-  print(quality_table(store.runs(), args.model, args.steps, args.rows))
+  print(quality_table(runs, args.model, args.steps, args.rows))
   if not args.no_plot and not args.smoke:
-    png = plot_quality(store.runs(), args.model, args.steps, args.rows,
+    png = plot_quality(runs, args.model, args.steps, args.rows,
                        Path(args.plot or DOCS / f"quality_{args.model}.png"))
     if png:
       print(f"wrote {png}")
