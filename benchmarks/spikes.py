@@ -185,12 +185,15 @@ def plot(runs, table, rows, modes, lrs, args, sweeps) -> list[Path]:
     xs = list(range(len(sev) + 1))
     for i, row in enumerate(rows):
       d = table[(mode, row)]
-      means = [np.mean([v for v in d.get(s, {}).values() if v is not None] or [np.nan])
-               for s in [0.0] + sev]
-      ax.plot(xs, means, marker="o", color=cmap(i), label=f"{row} ({q.fmt_lr(lrs[row])})")
+      vals = [[v for v in d.get(s, {}).values() if v is not None] for s in [0.0] + sev]
+      means = [np.mean(v) if v else np.nan for v in vals]
+      stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]  # over seeds
+      ax.errorbar(np.asarray(xs) + 0.04 * (i - len(rows) / 2), means, yerr=stds, marker="o",
+                  capsize=3, color=cmap(i), label=f"{row} ({q.fmt_lr(lrs[row])})")
     ax.set_xticks(xs, ["clean"] + [f"{s:g}" for s in sev])
     kind = "x gradient" if mode.startswith("grad") else "fraction of tokens"
-    ax.set(xlabel=f"severity ({kind}), p = {sweeps[mode]['prob']:g}", ylabel="final val loss",
+    ax.set(xlabel=f"severity ({kind}), p = {sweeps[mode]['prob']:g}",
+           ylabel="final val loss (mean ± std over seeds)",
            title=f"{args.model}: spikes injected ({mode})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
