@@ -18,7 +18,8 @@ class AdaptiveSpikeClipState(NamedTuple):
   Attributes:
     count: int32 number of updates done so far.
     max_ema: per leaf, a scalar (one per stacked tensor with ``stacked_axes``): exponential
-      moving average of ``max|g|`` of that tensor (not bias-corrected). Dtype: the leaf's dtype promoted to at least float32.
+      moving average of ``max|g|`` of that tensor (not bias-corrected). Dtype: the leaf's dtype
+      promoted to at least float32.
   """
 
   count: chex.Array

@@ -30,7 +30,6 @@ def sum_leaves(tree) -> jax.Array:
   return sum(jax.tree.leaves(tree), jnp.zeros([], jnp.int32))
 
 
-
 def stacked_axes_tree(stacked_axes, params):
   """The number of leading "stacked" axes of every leaf: a tree like `params` of ints.
 
