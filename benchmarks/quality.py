@@ -217,7 +217,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
 
   eval_at = sorted({max(1, round(spec.steps * i / num_evals)) for i in range(1, num_evals + 1)})
   train_curve, val_curve, window_times = [], [], []
-  spikes = injected = 0
+  spikes = injected = skipped = 0
   diverged = False
   pending: list = []
   t_window = time.perf_counter()
@@ -243,6 +243,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
       losses = [float(m["loss"]) for m in fetched]
       spikes += sum(int(m.get("spikes", 0)) for m in fetched)
       injected += sum(int(m["injected"]) for m in fetched)
+      skipped += sum(int(m.get("skipped", 0)) for m in fetched)
       pending.clear()
       train_curve.append((done, float(np.mean(losses))))
       if not all(math.isfinite(x) for x in losses):
@@ -267,6 +268,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
       "state_bytes": state_bytes,
       "step_ms": 1e3 * statistics.median(window_times) if window_times else None,
       "compile_s": compile_s, "spikes_clipped": spikes, "injected": injected,
+      "steps_skipped": skipped,
       "loadavg_1min": os.getloadavg()[0],
       "train_curve": [(s, round(l, 5)) for s, l in train_curve],
       "val_curve": [(s, round(l, 5)) for s, l in val_curve],

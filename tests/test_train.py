@@ -231,6 +231,25 @@ def test_logged_spikes_are_the_optimizers_own_count(optimizer, density):
   assert int(logged["spikes"]) == int(optax.tree.get(state, "num_clipped")) > 0
 
 
+def test_logged_skipped_is_the_skip_transforms_own_flag():
+  """adamw_skip logs skipped = 1 on the outlier step only (the library's last_skipped)."""
+  params = toy_params()
+  tx, _ = optimizers.build_optimizer(Config(optimizer="adamw_skip", skip_window=8, skip_sigma=3.0))
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  logged = []
+  for step in range(12):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    if step == 10:
+      grads = jax.tree.map(lambda g: 1e3 * g, grads)
+    _, state = tx.update(grads, state, params)
+    metrics = spike_report.step_metrics(state)
+    assert set(metrics) == {"skipped"}
+    logged.append(int(metrics["skipped"]))
+  assert logged == [0] * 10 + [1, 0]
+  assert int(optax.tree.get(state, "total_skipped")) == 1
+
+
 def test_no_spike_metrics_for_optimizers_without_a_clip():
   params = toy_params()
   tx, _ = optimizers.build_optimizer(Config(optimizer="adamw"))

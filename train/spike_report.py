@@ -1,7 +1,8 @@
 """The run's gradient-spike numbers, all read from the optimizer state; the per-layer report.
 
 Every train step logs ``spikes``: the gradient entries the optimizer's spike clip clipped in that
-update (SPAM's ``num_clipped``, counted by the library), whenever its state has one.
+update (SPAM's ``num_clipped``, counted by the library), whenever its state has one, and
+``skipped`` (1 when ``skip_step_on_spikes`` skipped the update) whenever it has that transform.
 
 With ``--spike-monitor θ`` the optimizer is ``chain(spam.spike_monitor(θ), optimizer)``. Each train
 step reports the spikes of that step per layer type (metrics.jsonl: ``spikes_<type>``); at every log
@@ -27,12 +28,16 @@ def step_metrics(opt_state) -> dict[str, jax.Array]:
   """Inside the jitted step: this update's spike numbers, as int32 scalars.
 
   ``spikes`` (entries clipped, from the state's ``num_clipped``) when the optimizer clips spikes;
-  ``spikes_<layer type>`` when it has a ``spike_monitor``.
+  ``skipped`` (the state's ``last_skipped``) when it skips outlier steps; ``spikes_<layer type>``
+  when it has a ``spike_monitor``.
   """
   out = {}
   clipped = optax.tree.get(opt_state, "num_clipped")
   if clipped is not None:
     out["spikes"] = clipped
+  skipped = optax.tree.get(opt_state, "last_skipped")
+  if skipped is not None:
+    out["skipped"] = skipped.astype(jnp.int32)
   if optax.tree.get(opt_state, "SpikeMonitorState") is not None:
     out.update(step_counts_by_type(opt_state))
   return out
