@@ -57,7 +57,11 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, default=1)
   parser.add_argument("--lr", type=float, default=3e-3,
                       help="LR for a row missing from the quality results")
-  parser.add_argument("--quality-json", help="default: benchmarks/results/quality_<model>.json")
+  parser.add_argument("--quality-json", help="quality results, comma-separated when the quality "
+                      "sweep ran in several processes (default: benchmarks/results/quality_<model>.json)")
+  parser.add_argument("--also-json", default="",
+                      help="spike results files (comma-separated) whose runs join the report, read "
+                      "only: other rows of the same setting run by another process")
   parser.add_argument("--severities", default="",
                       help="override a sweep's severities: MODE=S/S/...,MODE=... (e.g. grad=100/1000)")
   args = parser.parse_args(argv)
@@ -79,9 +83,10 @@ def main(argv=None):
   for m in modes:
     if m not in SWEEPS:
       parser.error(f"unknown mode {m!r}; valid: {', '.join(SWEEPS)}")
-  qpath = Path(args.quality_json or q.RESULTS / f"quality_{args.model}.json")
-  quality_runs = [] if args.smoke or not qpath.exists() else list(
-      json.loads(qpath.read_text())["runs"].values())
+  qpaths = [Path(p) for p in (args.quality_json or str(q.RESULTS / f"quality_{args.model}.json"))
+            .split(",") if p]
+  quality_runs = [] if args.smoke else [
+      r for p in qpaths if p.exists() for r in json.loads(p.read_text())["runs"].values()]
   lrs, lr_source = {}, {}
   for row in rows:
     best = q.best_lr([r for r in quality_runs if r["model"] == args.model
@@ -112,6 +117,8 @@ def main(argv=None):
                       f"{mode} ")
 
   runs = store.runs()
+  for extra in filter(None, args.also_json.split(",")):
+    runs += q.Store(Path(extra), {"common": q.common_overrides(args)}).runs()
   # (mode, row) -> {severity: {seed: loss}}; a diverged run counts as None. The clean column uses
   # the same seeds as the spiked runs (seeds 0 .. --seeds - 1), so each Δ is paired by seed.
   table = {}

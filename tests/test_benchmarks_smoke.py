@@ -30,6 +30,14 @@ def test_spikes_smoke(tmp_path, capsys):
   assert "input (p = 0.1)" in out and "| spam |" in out and "severity 0.3" in out
   runs = json.loads((tmp_path / "s.json").read_text())["runs"].values()
   assert {r["overrides"].get("spike_scale") for r in runs} == {None, 0.3}
+  # Rows run by another process into their own file join the report (--also-json).
+  spikes.main(["--smoke", "--json", str(tmp_path / "s2.json"), "--severities", "input=0.3",
+               "--rows", "adam"])
+  capsys.readouterr()
+  spikes.main(["--smoke", "--json", str(tmp_path / "s.json"), "--severities", "input=0.3",
+               "--rows", "spam,adam", "--also-json", str(tmp_path / "s2.json"), "--report-only"])
+  out = capsys.readouterr().out
+  assert "| spam |" in out and "| adam |" in out and "| adam | 3e-3 | - |" not in out
 
 
 def test_ablations_smoke(tmp_path, capsys):
