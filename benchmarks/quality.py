@@ -463,7 +463,22 @@ def quality_table(runs: list[dict], model: str, steps: int, rows: list[str]) -> 
     out.append(f"| {row} | {grid_txt} | {fmt_lr(lr) if lr else '-'} | {len(best)} | "
                f"{fmt_mean_std(losses)} | {fmt_mean_std(ppls, 3)} | {diff_txt} | "
                f"{fmt_bytes(mine[0]['state_bytes'])} | {step_txt} |")
+  out += ["", wall_summary([r for r in runs if r["row"] in rows])]
+  skipped = {r["row"]: r["steps_skipped"] for r in runs if r.get("steps_skipped")}
+  if skipped:
+    out.append("Steps skipped (runs that skipped any): " + ", ".join(
+        f"{r['row']} {fmt_lr(r['lr'])} seed {r['seed']}: {r['steps_skipped']}"
+        for r in runs if r.get("steps_skipped")))
   return "\n".join(out)
+
+
+def wall_summary(runs: list[dict]) -> str:
+  """Runs and wall time of a table (each run on its own core when two processes share the machine)."""
+  walls = [r["wall_s"] for r in runs if r.get("wall_s")]
+  if not walls:
+    return f"{len(runs)} runs."
+  return (f"{len(runs)} runs, wall time {sum(walls) / 3600:.1f} h summed over runs (median "
+          f"{statistics.median(walls) / 60:.1f} min per run).")
 
 
 def plot_quality(runs: list[dict], model: str, steps: int, rows: list[str], path: Path) -> Path | None:

@@ -173,6 +173,7 @@ def main(argv=None):
                 "input": "corrupted tokens"}[mode]
         print(f"\n{row} (seed 0): gradient entries clipped over the run, and {unit} injected "
               f"(clean run: see the quality results) -- " + "; ".join(counts))
+  print("\n" + q.wall_summary([r for r in runs if r["row"] in rows]) + " (spiked runs)")
   args._quality_runs = quality_runs
   if not args.no_plot and not args.smoke:
     for png in plot(runs, table, rows, modes, lrs, args, sweeps):
