@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import models
 import spam_optax as spam
 from train.config import Config, ConfigError
 
@@ -57,12 +58,8 @@ def projection_mask(params) -> Any:
 def stacked_layer_axes(params) -> Any:
   """1 for the blocks' weights stored stacked (``--scan-layers``: ``layers/...`` leaves carry a
   leading layer axis), else 0: per-tensor statistics (Stable-SPAM's) stay per layer."""
-
-  def axes(path, _):
-    names = [jax.tree_util.keystr((entry,), simple=True) for entry in path]
-    return int(names[0] == "layers" and not names[1].isdigit())
-
-  return jax.tree_util.tree_map_with_path(axes, params)
+  stacked = "layers" in params and models.layers_stacked(params)
+  return {k: jax.tree.map(lambda _: int(stacked and k == "layers"), v) for k, v in params.items()}
 
 
 # Optimizers whose per-tensor rules have no notion of stacked layers: with --scan-layers they would

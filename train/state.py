@@ -24,7 +24,7 @@ from train.config import Config, ConfigError
 from train.step import make_eval_step, make_train_step
 
 # Model fields that change how the step is computed, not the state: a checkpoint restores across them.
-# (scan_layers changes the state's layout: it is recorded as "layer_storage" below.)
+# (scan_layers changes the state's layout: it is recorded as weights.STACKED_STORAGE below.)
 COMPUTE_ONLY = ("max_seq_len", "remat", "attention", "scan_layers")
 
 
@@ -48,8 +48,8 @@ def compat_record(cfg: Config, model_cfg: models.LlamaConfig, data_fingerprint: 
   """What a checkpoint must share with the run that restores it."""
   model = {k: (str(jnp.dtype(v)) if k in ("dtype", "param_dtype") else v)
            for k, v in dataclasses.asdict(model_cfg).items() if k not in COMPUTE_ONLY}
-  if model_cfg.scan_layers:  # absent for per-layer storage, as in checkpoints written before it
-    model["layer_storage"] = "stacked"
+  if model_cfg.scan_layers:
+    model.update(weights.STACKED_STORAGE)
   opt = {k: getattr(cfg, k) for k in ("optimizer", "opt_state_dtype")}
   opt["spike_monitor"] = cfg.spike_monitor > 0  # it adds a state to the chain
   if cfg.optimizer == "spam":

@@ -21,6 +21,10 @@ from models.llama import LlamaConfig, layers_stacked, stack_layers
 from train import checkpoint as ckpt_lib
 from train.config import ConfigError
 
+# The compat-record entry of a checkpoint whose blocks are stored stacked (--scan-layers); absent
+# for per-layer storage, as in checkpoints written before stacking existed.
+STACKED_STORAGE = {"layer_storage": "stacked"}
+
 
 def _checkpoint_step(path: Path) -> tuple[Path, int] | None:
   """(checkpoints directory, step) when PATH is a run of this script, else None."""
@@ -89,7 +93,7 @@ def load_params(path: str | Path, abstract_params):
       params = stack_layers(params)
     return jax.tree.map(_place, params, abstract_params)
   step_dir, meta = _read_meta(path)
-  stacked = meta["compat"]["model"].get("layer_storage") == "stacked"
+  stacked = STACKED_STORAGE.items() <= meta["compat"]["model"].items()
   if stacked != layers_stacked(abstract_params):
     raise ConfigError(
         f"--init-from {step_dir}: its layers are stored {'stacked' if stacked else 'per layer'} "
