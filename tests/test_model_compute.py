@@ -147,6 +147,29 @@ def test_remat_names_and_the_former_boolean():
     TINY.replace(attention="flash")
 
 
+@pytest.mark.parametrize("optimizer", ["stable_spam", "spam"])
+def test_training_optimizer_updates_stacked_weights_as_per_layer_ones(optimizer):
+  """The train script's optimizer keeps per-tensor statistics (Stable-SPAM's AdaGN norm, AdaClip
+  max) per layer when --scan-layers stacks the weights: same gradients, same updates."""
+  from train import optimizers
+  from train.config import Config
+  per_layer = nnx.to_pure_dict(nnx.state(make_model(TINY), nnx.Param))
+  stacked = stack_layers(per_layer)
+  rng = np.random.default_rng(0)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), per_layer)
+           for _ in range(3)]
+  for g in grads:  # layers with very different gradient scales: a norm across layers would differ
+    g["layers"][1] = jax.tree.map(lambda x: 50.0 * x, g["layers"][1])
+  out = {}
+  for name, params, scan in (("per_layer", per_layer, False), ("stacked", stacked, True)):
+    tx, _ = optimizers.build_optimizer(Config(optimizer=optimizer, scan_layers=scan))
+    state = tx.init(params)
+    for g in grads:
+      updates, state = tx.update(stack_layers(g) if scan else g, state, params)
+    out[name] = updates
+  assert_close(out["stacked"], stack_layers(out["per_layer"]), rtol=1e-6, atol=1e-9)
+
+
 def test_checkpoints_restore_across_compute_choices_not_across_layer_storage():
   # The compatibility record a checkpoint is checked against holds the model's shape and numerics
   # and its parameters' layout, not attention / remat: a checkpoint restores whichever way the step
