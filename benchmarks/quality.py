@@ -218,6 +218,17 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
   eval_at = sorted({max(1, round(spec.steps * i / num_evals)) for i in range(1, num_evals + 1)})
   train_curve, val_curve, window_times = [], [], []
   spikes = injected = skipped = 0
+  injected_steps: list[int] = []  # steps that had a spike injected (whole-gradient / input modes)
+
+  def count(fetched, last_step):
+    nonlocal spikes, injected, skipped
+    for i, m in enumerate(fetched):
+      spikes += int(m.get("spikes", 0))
+      skipped += int(m.get("skipped", 0))
+      injected += int(m["injected"])
+      if int(m["injected"]) and len(injected_steps) < 1000:
+        injected_steps.append(last_step - len(fetched) + 1 + i)
+
   diverged = False
   pending: list = []
   t_window = time.perf_counter()
@@ -234,6 +245,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
       compile_s = time.perf_counter() - t_window
       pending_losses = jax.device_get(pending)
       pending.clear()
+      count(pending_losses, done)
       train_curve.append((done, float(pending_losses[0]["loss"])))
       t_window = time.perf_counter()
       continue
@@ -241,9 +253,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
       fetched = jax.device_get(pending)
       window_times.append((time.perf_counter() - t_window) / len(pending))
       losses = [float(m["loss"]) for m in fetched]
-      spikes += sum(int(m.get("spikes", 0)) for m in fetched)
-      injected += sum(int(m["injected"]) for m in fetched)
-      skipped += sum(int(m.get("skipped", 0)) for m in fetched)
+      count(fetched, done)
       pending.clear()
       train_curve.append((done, float(np.mean(losses))))
       if not all(math.isfinite(x) for x in losses):
@@ -268,7 +278,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
       "state_bytes": state_bytes,
       "step_ms": 1e3 * statistics.median(window_times) if window_times else None,
       "compile_s": compile_s, "spikes_clipped": spikes, "injected": injected,
-      "steps_skipped": skipped,
+      "steps_skipped": skipped, "injected_steps": injected_steps,
       "loadavg_1min": os.getloadavg()[0],
       "train_curve": [(s, round(l, 5)) for s, l in train_curve],
       "val_curve": [(s, round(l, 5)) for s, l in val_curve],

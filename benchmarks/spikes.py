@@ -173,7 +173,7 @@ def main(argv=None):
                 "input": "corrupted tokens"}[mode]
         print(f"\n{row} (seed 0): gradient entries clipped over the run, and {unit} injected "
               f"(clean run: see the quality results) -- " + "; ".join(counts))
-  print("\n" + q.wall_summary([r for r in runs if r["row"] in rows]) + " (spiked runs)")
+  print("\n" + q.wall_summary([r for r in runs if r["row"] in rows]))
   args._quality_runs = quality_runs
   if not args.no_plot and not args.smoke:
     for png in plot(runs, table, rows, modes, lrs, args, sweeps):
@@ -246,7 +246,39 @@ def plot(runs, table, rows, modes, lrs, args, sweeps) -> list[Path]:
   fig.savefig(path)
   plt.close(fig)
   out.append(path)
-  return out
+  zoom = plot_around_spike(runs, rows, lrs, args, sweeps, plt, cmap)
+  return out + ([zoom] if zoom else [])
+
+
+def plot_around_spike(runs, rows, lrs, args, sweeps, plt, cmap, before=5, after=45):
+  """Per-step training loss around the first whole-gradient spike after the warmup (seed 0, top
+  severity; every row sees it at the same step). Needs runs logged every step (--log-every 1)."""
+  if "grad" not in sweeps:
+    return None
+  sev = sweeps["grad"]["severities"][-1]
+  mine = {r["row"]: r for r in runs if r["overrides"].get("spike_mode") == "grad"
+          and r["overrides"].get("spike_scale") == sev and r["seed"] == 0
+          and r["steps"] == args.steps and r["row"] in rows and r["lr"] == lrs[r["row"]]}
+  first = [s for r in mine.values() for s in r.get("injected_steps") or [] if s > before + 50]
+  if not first:
+    return None
+  spike = min(first)
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=80)
+  for i, row in enumerate(rows):
+    curve = dict(mine[row]["train_curve"]) if row in mine else {}
+    xs = [t for t in range(spike - before, spike + after + 1) if t in curve]
+    if len(xs) > before + after // 2:  # per-step curve
+      ax.plot(xs, [curve[t] for t in xs], color=cmap(i), lw=1.2, label=row)
+  ax.axvline(spike, color="k", lw=0.8, ls=":")
+  ax.set(xlabel="step", ylabel="train loss (per step)", yscale="log",
+         title=f"{args.model}: whole gradient x{sev:g} at step {spike} (seed 0)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = q.DOCS / f"spikes_zoom_{args.model}.png"
+  fig.savefig(path)
+  plt.close(fig)
+  return path
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ def test_spikes_smoke(tmp_path, capsys):
   assert "input (p = 0.1)" in out and "| spam |" in out and "severity 0.3" in out
   runs = json.loads((tmp_path / "s.json").read_text())["runs"].values()
   assert {r["overrides"].get("spike_scale") for r in runs} == {None, 0.3}
+  for r in runs:  # the steps that had a corrupted input, each counted in `injected`
+    assert all(1 <= s <= r["steps"] for s in r["injected_steps"])
+    assert len(r["injected_steps"]) <= r["injected"]
+    assert bool(r["injected_steps"]) == (r["injected"] > 0) == ("spike_mode" in r["overrides"])
   # Rows run by another process into their own file join the report (--also-json).
   spikes.main(["--smoke", "--json", str(tmp_path / "s2.json"), "--severities", "input=0.3",
                "--rows", "adam"])
