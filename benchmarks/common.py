@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
+
+
+def cpu_name() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), so that a timing names the machine it ran on."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def llama60m_shapes(vocab: int = 32000, hidden: int = 512, inter: int = 1376, layers: int = 8):

@@ -15,7 +15,8 @@ Protocol (``python benchmarks/quality.py``):
 
 Rows: adam, adamw (weight decay 0.1), adam_clip_norm (global norm 1.0), adam_clip_value (1e-3),
 adafactor, spam (dense), spam_d0.25, stable_spam, galore (rank hidden/4), scale, and the spike
-defences of JAX trainers: adamw_clip_norm, adamw_zclip, adamw_skip, spam_clip_norm (issue 12).
+defences of JAX trainers: adamw_clip_norm, adamw_zclip, adamw_skip, spam_clip_norm (issue 12); and
+spam_restart_bc (SPAM with the bias correction restarted at each reset).
 ``--tokenizer bpe --bpe-vocab N`` and ``--reset-interval`` / ``--reset-warmup`` apply to every run of
 a results file (its meta records them; a file holds one setting).
 
@@ -40,7 +41,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -59,7 +59,7 @@ from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
 from models import quant as quant_lib  # noqa: E402
-from benchmarks.common import tree_bytes  # noqa: E402
+from benchmarks.common import cpu_name, tree_bytes  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train import optimizers  # noqa: E402
 from train.config import Config, validate  # noqa: E402
@@ -86,6 +86,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "adamw_zclip": dict(optimizer="adamw_zclip"),
     "adamw_skip": dict(optimizer="adamw_skip"),
     "spam_clip_norm": dict(optimizer="spam_clip_norm"),
+    # SPAM with Adam's bias correction restarted at each reset: no larger post-reset steps (issue 12,
+    # point 4: does SPAM's gain survive without them?).
+    "spam_restart_bc": dict(optimizer="spam", restart_bias_correction=True),
 }
 
 # LR grids (3 values each, x3 apart; the paper swept 1e-4..1e-3 for 60M at 10k steps: our models
@@ -319,15 +322,7 @@ class Store:
 
 def machine() -> dict:
   dev = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"device": f"{dev.platform} x{jax.device_count()}", "cpu": cpu, "cores": os.cpu_count(),
+  return {"device": f"{dev.platform} x{jax.device_count()}", "cpu": cpu_name(), "cores": os.cpu_count(),
           "jax": jax.__version__, "optax": optax.__version__}
 
 

@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import cpu_name  # noqa: E402
 from models import get_config  # noqa: E402
 from models.llama import REMAT  # noqa: E402
 from models.hf import config_to_hf  # noqa: E402
@@ -244,7 +244,7 @@ def main(argv=None):
     args.models, args.steps, args.repeats, args.warmup = ["tiny"], 1, 2, 1
 
   print(f"# {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores, "
-        f"{platform.processor() or platform.machine()}; jax {jax.__version__}; torch threads "
+        f"{cpu_name()}; jax {jax.__version__}; torch threads "
         f"{args.threads}; {args.changes}; median of {args.repeats} blocks of {args.steps} steps")
   out = {}
   print("| model | batch | dtype | JAX step ms | torch step ms | ratio | JAX fwd+bwd ms | "
