@@ -16,7 +16,8 @@ Protocol (``python benchmarks/quality.py``):
 Rows: adam, adamw (weight decay 0.1), adam_clip_norm (global norm 1.0), adam_clip_value (1e-3),
 adafactor, spam (dense), spam_d0.25, stable_spam, galore (rank hidden/4), scale, and the spike
 defences of JAX trainers: adamw_clip_norm, adamw_zclip, adamw_skip, spam_clip_norm (issue 12); and
-spam_restart_bc (SPAM with the bias correction restarted at each reset).
+spam_restart_bc (SPAM with the bias correction restarted at each reset), spam_proj_x0.25 (dense SPAM
+with the projections' updates x 0.25: sparse SPAM's step sizes without its sparsity).
 ``--tokenizer bpe --bpe-vocab N`` and ``--reset-interval`` / ``--reset-warmup`` apply to every run of
 a results file (its meta records them; a file holds one setting).
 
@@ -89,6 +90,8 @@ ROWS: dict[str, dict[str, Any]] = {
     # SPAM with Adam's bias correction restarted at each reset: no larger post-reset steps (issue 12,
     # point 4: does SPAM's gain survive without them?).
     "spam_restart_bc": dict(optimizer="spam", restart_bias_correction=True),
+    # Sparse SPAM's control: dense, projection updates x 0.25 (spam_projections_scaled).
+    "spam_proj_x0.25": dict(optimizer="spam"),
 }
 
 # LR grids (3 values each, x3 apart; the paper swept 1e-4..1e-3 for 60M at 10k steps: our models
@@ -98,6 +101,7 @@ GRIDS: dict[str, list[float]] = {
     "default": [1e-3, 3e-3, 1e-2],
     "galore": [3e-3, 1e-2, 3e-2],
     "spam_d0.25": [3e-3, 1e-2, 3e-2],
+    "spam_proj_x0.25": [3e-3, 1e-2, 3e-2],
     "scale": [3e-3, 1e-2, 3e-2],
 }
 
@@ -140,10 +144,25 @@ def spam_unfused(cfg: Config, mode: str):
   return tx, sched
 
 
+def spam_projections_scaled(cfg: Config, scale: float):
+  """Dense SPAM whose updates of the projection kernels (the leaves sparse SPAM makes sparse) are
+  multiplied by ``scale``; embeddings, norms and the head get the full step.
+
+  The control for sparse SPAM: at density d an entry of a projection is updated in about a fraction
+  d of the reset intervals, so its mean step is about d of dense SPAM's at the same LR, while the
+  other leaves stay dense. This row has that split of step sizes without the sparsity.
+  """
+  tx, sched = optimizers.build_optimizer(cfg.replace(optimizer="spam", density=1.0))
+  return optax.chain(tx, optax.masked(optax.scale(scale), optimizers.projection_mask)), sched
+
+
 CUSTOM: dict[str, Callable[[Config], tuple[optax.GradientTransformation, optax.Schedule]]] = {
     "spam_unfused_clip": lambda cfg: spam_unfused(cfg, "clip"),
     "spam_nullify": lambda cfg: spam_unfused(cfg, "nullify"),
+    "spam_proj_x0.25": lambda cfg: spam_projections_scaled(cfg, 0.25),
 }
+# Custom optimizers that are also rows of the quality table (--rows).
+CUSTOM_ROWS = ("spam_proj_x0.25",)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -194,8 +213,9 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
   validate(cfg)
   dataset = _dataset(cfg)
   model_cfg = model_config(cfg, dataset.vocab_size)
-  if spec.custom:
-    tx, schedule = CUSTOM[spec.custom](cfg)
+  custom = spec.custom or (spec.row if spec.row in CUSTOM_ROWS else None)
+  if custom:
+    tx, schedule = CUSTOM[custom](cfg)
   else:
     tx, schedule = optimizers.build_optimizer(cfg)
 

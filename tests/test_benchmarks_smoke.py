@@ -104,3 +104,31 @@ def test_update_rms_smoke(tmp_path, capsys):
   assert spam[4] < 0.05 * spam[3] and spam[9] < 0.05 * spam[8]
   out = capsys.readouterr().out
   assert "spam direction / Adam" in out and "before the first reset" in out
+
+
+
+def test_projections_scaled_control():
+  """spam_proj_x0.25 is dense SPAM with the projection kernels' updates x 0.25, the rest unchanged."""
+  import jax
+  import jax.numpy as jnp
+  from train.config import Config
+  params = {"embed": {"embedding": jnp.ones((8, 4))},
+            "layers_0": {"attn": {"q_proj": {"kernel": jnp.ones((4, 4))}},
+                         "mlp": {"down_proj": {"kernel": jnp.ones((6, 4))}},
+                         "norm": {"scale": jnp.ones(4)}}}
+  grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
+  cfg = Config(optimizer="spam", lr=1e-3, steps=20)
+  updates = {}
+  for name, (tx, _) in {"control": quality.CUSTOM["spam_proj_x0.25"](cfg),
+                        "dense": quality.optimizers.build_optimizer(cfg)}.items():
+    state = tx.init(params)
+    for _ in range(3):  # past the schedule's first step (LR 0), so updates are nonzero
+      updates[name], state = tx.update(grads, state, params)
+  flat = {jax.tree_util.keystr(p): (c, d) for (p, c), d in zip(
+      jax.tree_util.tree_leaves_with_path(updates["control"]),
+      jax.tree_util.tree_leaves(updates["dense"]))}
+  assert len(flat) == 4
+  for key, (c, d) in flat.items():
+    expected = 0.25 if "proj" in key else 1.0
+    assert float(jnp.abs(d).max()) > 0
+    assert jnp.allclose(c, expected * d, rtol=1e-6), key
