@@ -518,8 +518,9 @@ def plot_quality(runs: list[dict], model: str, steps: int, rows: list[str], path
     lr = best_lr(runs, row)
     return lr, [r for r in runs if r["row"] == row and r["lr"] == lr and not r["diverged"]]
 
-  _, adam = best_runs("adam")
-  adam_curve = {r["seed"]: dict(r["train_curve"]) for r in adam}
+  base = "adam" if "adam" in rows else rows[0]  # as the table's differences
+  _, base_runs = best_runs(base)
+  base_curve = {r["seed"]: dict(r["train_curve"]) for r in base_runs}
   plotted = False
   for i, row in enumerate(rows):
     lr, best = best_runs(row)
@@ -531,9 +532,9 @@ def plot_quality(runs: list[dict], model: str, steps: int, rows: list[str], path
     xs = [best[0]["train_curve"][j][0] for j in range(n)]
     mean = np.mean([[r["train_curve"][j][1] for j in range(n)] for r in best], axis=0)
     ax1.plot(xs, mean, color=color, lw=1.2, label=f"{row} ({fmt_lr(lr)}, n={len(best)})")
-    paired = [r for r in best if r["seed"] in adam_curve]
-    if paired and row != "adam":
-      diff = np.mean([[l - adam_curve[r["seed"]].get(s, np.nan) for s, l in r["train_curve"][:n]]
+    paired = [r for r in best if r["seed"] in base_curve]
+    if paired and row != base:
+      diff = np.mean([[l - base_curve[r["seed"]].get(s, np.nan) for s, l in r["train_curve"][:n]]
                       for r in paired], axis=0)
       k = 4  # smooth over 4 windows (100 steps)
       smooth = np.convolve(diff, np.ones(k) / k, mode="valid")
@@ -548,9 +549,9 @@ def plot_quality(runs: list[dict], model: str, steps: int, rows: list[str], path
   ax1.set(xlabel="step", ylabel="train loss (25-step window, seed mean)",
           title=f"{model}: training loss, each optimizer at its best LR")
   ax2.axhline(0, color="k", lw=0.8)
-  ax2.set(xlabel="step", ylabel="train loss - Adam's (same seeds, 100-step mean)",
-          title="difference to Adam (below 0: better)")
-  ax2.set_ylim(-0.25, 0.25)
+  ax2.set(xlabel="step", ylabel=f"train loss - {base}'s (same seeds, 100-step mean)",
+          title=f"difference to {base} (below 0: better)")
+  ax2.set_ylim(-0.35, 0.25)
   finals = [r["val_loss"] for r in runs if r["val_loss"] is not None]
   if finals:
     lo = min(finals)
