@@ -16,8 +16,9 @@ Protocol (``python benchmarks/quality.py``):
 Rows: adam, adamw (weight decay 0.1), adam_clip_norm (global norm 1.0), adam_clip_value (1e-3),
 adafactor, spam (dense), spam_d0.25, stable_spam, galore (rank hidden/4), scale, and the spike
 defences of JAX trainers: adamw_clip_norm, adamw_zclip, adamw_skip, spam_clip_norm (issue 12); and
-spam_restart_bc (SPAM with the bias correction restarted at each reset), spam_proj_x0.25 (dense SPAM
-with the projections' updates x 0.25: sparse SPAM's step sizes without its sparsity).
+spam_restart_bc (SPAM with the bias correction restarted at each reset), spam_proj_x0.25 and
+adamw_proj_x0.25 (dense SPAM / AdamW with the projections' updates x 0.25: sparse SPAM's step sizes
+without its sparsity).
 ``--tokenizer bpe --bpe-vocab N`` and ``--reset-interval`` / ``--reset-warmup`` apply to every run of
 a results file (its meta records them; a file holds one setting).
 
@@ -90,8 +91,9 @@ ROWS: dict[str, dict[str, Any]] = {
     # SPAM with Adam's bias correction restarted at each reset: no larger post-reset steps (issue 12,
     # point 4: does SPAM's gain survive without them?).
     "spam_restart_bc": dict(optimizer="spam", restart_bias_correction=True),
-    # Sparse SPAM's control: dense, projection updates x 0.25 (spam_projections_scaled).
+    # Sparse SPAM's controls: dense, projection updates x 0.25 (projections_scaled).
     "spam_proj_x0.25": dict(optimizer="spam"),
+    "adamw_proj_x0.25": dict(optimizer="adamw", weight_decay=0.1),
 }
 
 # LR grids (3 values each, x3 apart; the paper swept 1e-4..1e-3 for 60M at 10k steps: our models
@@ -102,6 +104,7 @@ GRIDS: dict[str, list[float]] = {
     "galore": [3e-3, 1e-2, 3e-2],
     "spam_d0.25": [3e-3, 1e-2, 3e-2],
     "spam_proj_x0.25": [3e-3, 1e-2, 3e-2],
+    "adamw_proj_x0.25": [3e-3, 1e-2, 3e-2],
     "scale": [3e-3, 1e-2, 3e-2],
 }
 
@@ -144,25 +147,28 @@ def spam_unfused(cfg: Config, mode: str):
   return tx, sched
 
 
-def spam_projections_scaled(cfg: Config, scale: float):
-  """Dense SPAM whose updates of the projection kernels (the leaves sparse SPAM makes sparse) are
-  multiplied by ``scale``; embeddings, norms and the head get the full step.
+def projections_scaled(cfg: Config, scale: float):
+  """The row's optimizer, dense, with its updates of the projection kernels (the leaves sparse SPAM
+  makes sparse) multiplied by ``scale`` (weight decay included); embeddings, norms and the head get
+  the full step.
 
   The control for sparse SPAM: at density d an entry of a projection is updated in about a fraction
   d of the reset intervals, so its mean step is about d of dense SPAM's at the same LR, while the
   other leaves stay dense. This row has that split of step sizes without the sparsity.
   """
-  tx, sched = optimizers.build_optimizer(cfg.replace(optimizer="spam", density=1.0))
+  tx, sched = optimizers.build_optimizer(cfg.replace(density=1.0))
   return optax.chain(tx, optax.masked(optax.scale(scale), optimizers.projection_mask)), sched
 
 
 CUSTOM: dict[str, Callable[[Config], tuple[optax.GradientTransformation, optax.Schedule]]] = {
     "spam_unfused_clip": lambda cfg: spam_unfused(cfg, "clip"),
     "spam_nullify": lambda cfg: spam_unfused(cfg, "nullify"),
-    "spam_proj_x0.25": lambda cfg: spam_projections_scaled(cfg, 0.25),
+    "spam_proj_x0.25": lambda cfg: projections_scaled(cfg, 0.25),
+    "adamw_proj_x0.25": lambda cfg: projections_scaled(cfg, 0.25),
 }
-# Custom optimizers that are also rows of the quality table (--rows).
-CUSTOM_ROWS = ("spam_proj_x0.25",)
+# Custom optimizers that are also rows of the quality table (--rows): the row's Config overrides
+# (ROWS) name the optimizer that CUSTOM wraps.
+CUSTOM_ROWS = ("spam_proj_x0.25", "adamw_proj_x0.25")
 
 
 # ----------------------------------------------------------------------------- one run

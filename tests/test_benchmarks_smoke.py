@@ -7,6 +7,7 @@ steps of the tiny model on short sequences, in-process, and must print its table
 import json
 import math
 
+import pytest
 
 from benchmarks import ablations, bf16_state_quality, quality, quant_quality, spikes, update_rms
 
@@ -107,8 +108,10 @@ def test_update_rms_smoke(tmp_path, capsys):
 
 
 
-def test_projections_scaled_control():
-  """spam_proj_x0.25 is dense SPAM with the projection kernels' updates x 0.25, the rest unchanged."""
+@pytest.mark.parametrize("row,optimizer", [("spam_proj_x0.25", "spam"), ("adamw_proj_x0.25", "adamw")])
+def test_projections_scaled_control(row, optimizer):
+  """The controls are the dense optimizer with the projection kernels' updates x 0.25, the rest
+  unchanged."""
   import jax
   import jax.numpy as jnp
   from train.config import Config
@@ -117,9 +120,9 @@ def test_projections_scaled_control():
                          "mlp": {"down_proj": {"kernel": jnp.ones((6, 4))}},
                          "norm": {"scale": jnp.ones(4)}}}
   grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
-  cfg = Config(optimizer="spam", lr=1e-3, steps=20)
+  cfg = Config(optimizer=optimizer, lr=1e-3, steps=20, weight_decay=0.1)
   updates = {}
-  for name, (tx, _) in {"control": quality.CUSTOM["spam_proj_x0.25"](cfg),
+  for name, (tx, _) in {"control": quality.CUSTOM[row](cfg),
                         "dense": quality.optimizers.build_optimizer(cfg)}.items():
     state = tx.init(params)
     for _ in range(3):  # past the schedule's first step (LR 0), so updates are nonzero
