@@ -467,7 +467,7 @@ def quality_protocol(store: Store, args) -> None:
 def quality_table(runs: list[dict], model: str, steps: int, rows: list[str]) -> str:
   """The table; differences are against ``adam`` when it is a row, else against the first row."""
   runs = [r for r in runs if r["model"] == model and r["steps"] == steps and not r["overrides"]]
-  base = "adam" if "adam" in rows else rows[0]
+  base = baseline_row(rows)
   out = ["| optimizer | LR grid (seed 0: final val loss) | best LR | seeds | val loss | val ppl | "
          f"Δ loss vs {base} (paired by seed) | optimizer state | step ms |",
          "|---|---|---|---|---|---|---|---|---|"]
@@ -503,6 +503,11 @@ def quality_table(runs: list[dict], model: str, steps: int, rows: list[str]) -> 
   return "\n".join(out)
 
 
+def baseline_row(rows: list[str]) -> str:
+  """The row that differences are taken against: adam, or the first row when adam is not a row."""
+  return "adam" if "adam" in rows else rows[0]
+
+
 def wall_summary(runs: list[dict]) -> str:
   """Runs and wall time of a table (each run on its own core when two processes share the machine)."""
   walls = [r["wall_s"] for r in runs if r.get("wall_s")]
@@ -524,7 +529,7 @@ def plot_quality(runs: list[dict], model: str, steps: int, rows: list[str], path
     lr = best_lr(runs, row)
     return lr, [r for r in runs if r["row"] == row and r["lr"] == lr and not r["diverged"]]
 
-  base = "adam" if "adam" in rows else rows[0]  # as the table's differences
+  base = baseline_row(rows)  # as the table's differences
   _, base_runs = best_runs(base)
   base_curve = {r["seed"]: dict(r["train_curve"]) for r in base_runs}
   plotted = False
