@@ -65,6 +65,7 @@ from benchmarks.common import cpu_name, tree_bytes  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train import optimizers  # noqa: E402
 from train.config import Config, validate  # noqa: E402
+from train.evaluate import mean_nll  # noqa: E402
 from train.state import model_config  # noqa: E402
 from train.step import make_eval_step, make_train_step  # noqa: E402
 
@@ -237,12 +238,7 @@ def run_one(spec: RunSpec, *, batch_size: int, seq_len: int, eval_batches: int, 
   eval_step = jax.jit(make_eval_step(graphdef))
 
   def evaluate(p) -> float:
-    total = count = 0.0
-    for b in dataset.val_batches:
-      s, c = eval_step(p, b)
-      total += float(s)
-      count += float(c)
-    return total / max(count, 1.0)
+    return mean_nll(eval_step, p, dataset.val_batches)[0]
 
   eval_at = sorted({max(1, round(spec.steps * i / num_evals)) for i in range(1, num_evals + 1)})
   train_curve, val_curve, window_times = [], [], []

@@ -41,8 +41,9 @@ import models  # noqa: E402
 import spam_optax as spam  # noqa: E402
 from train import data as data_lib, optimizers  # noqa: E402
 from train.config import Config, validate  # noqa: E402
+from train.evaluate import mean_nll  # noqa: E402
 from train.state import model_config  # noqa: E402
-from train.step import mean_loss, summed_nll  # noqa: E402
+from train.step import make_eval_step, mean_loss  # noqa: E402
 
 ROWS = {
     "adam": dict(optimizer="adam"),
@@ -82,9 +83,7 @@ def run(cfg: Config, dataset) -> dict:
   losses, rms = (np.asarray(jax.device_get(x), np.float64) for x in (losses, rms))
   lrs = np.asarray([float(schedule(k)) for k in range(cfg.steps)])
   seconds = time.perf_counter() - start
-  nll = jax.jit(lambda p, b: summed_nll(graphdef, p, b))
-  sums = [jax.device_get(nll(state[0], b)) for b in dataset.val_batches]
-  val_loss = float(sum(s for s, _ in sums) / sum(c for _, c in sums))
+  val_loss, _ = mean_nll(jax.jit(make_eval_step(graphdef)), state[0], dataset.val_batches)
   return {"loss": losses.tolist(), "effective": (rms / np.maximum(lrs, 1e-30)).tolist(),
           "lr": lrs.tolist(), "seconds": seconds, "params": n, "val_loss": val_loss}
 

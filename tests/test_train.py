@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 import _jax_cache
-from train import main, optimizers, spike_report
+from train import evaluate, main, optimizers, spike_report
 from train.config import OPTIMIZERS, Config, ConfigError, parse_args
 from train.mesh import check_batch, multihost_environment, parse_mesh
 from train.spike_injection import inject_spikes
@@ -275,6 +275,14 @@ def test_spike_injection_modes():
   assert int(jnp.sum(out[:, -1])) == 0  # the last target is never an input: untouched
   hit_rows = int(jnp.sum(jnp.any(out[:, :-1] != 0, axis=1)))
   assert 16 < hit_rows < 48 and 0 < int(n) <= hit_rows * 32
+
+
+def test_validation_loss_is_token_weighted_over_batches():
+  # a batch of 1 target token at NLL 10 and one of 3 tokens at NLL 2: (10 + 6) / 4, not (10 + 2) / 2
+  sums = {0: (10.0, 1.0), 1: (6.0, 3.0)}
+  loss, tokens = evaluate.mean_nll(lambda params, b: sums[b], None, [0, 1])
+  assert (loss, tokens) == (4.0, 4)
+  assert evaluate.mean_nll(lambda params, b: sums[b], None, []) == (0.0, 0)
 
 
 def test_lr_schedule_is_linear_warmup_then_cosine_to_ten_percent():

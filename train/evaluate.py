@@ -16,16 +16,24 @@ SAMPLE_TEMPERATURE = 0.8
 SAMPLE_PROMPT_TOKENS = 32
 
 
-def validation_loss(training: Training, params, val_batches, batch_size: int):
-  """(mean token NLL, perplexity, number of target tokens) over this process's validation rows."""
+def mean_nll(eval_step, params, batches) -> tuple[float, int]:
+  """(token-weighted mean NLL, number of target tokens) of ``eval_step(params, batch) -> (summed
+  NLL, target count)`` over ``batches``: the one definition of a validation loss (the training
+  loop's and the benchmarks')."""
   total, count = 0.0, 0.0
-  for local in val_batches:
-    s, c = training.eval_step(params, data_lib.global_batch(local, training.batch_sharding,
-                                                            batch_size))
+  for batch in batches:
+    s, c = eval_step(params, batch)
     total += float(s)
     count += float(c)
-  loss = total / max(count, 1.0)
-  return loss, math.exp(min(loss, 700.0)), int(count)
+  return total / max(count, 1.0), int(count)
+
+
+def validation_loss(training: Training, params, val_batches, batch_size: int):
+  """(mean token NLL, perplexity, number of target tokens) over this process's validation rows."""
+  loss, count = mean_nll(
+      lambda p, local: training.eval_step(p, data_lib.global_batch(
+          local, training.batch_sharding, batch_size)), params, val_batches)
+  return loss, math.exp(min(loss, 700.0)), count
 
 
 def sample(training: Training, params, prompt: np.ndarray, num_tokens: int, context: int,
