@@ -46,6 +46,7 @@ def run(cfg: Config) -> RunResult:
   mesh_lib.maybe_initialize_distributed(cfg)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   mesh_lib.check_batch(cfg, mesh)
+  data_lib.local_batch_size(cfg.batch_size, jax.process_count())  # before any tokenizing
   workdir = Path(cfg.workdir)
   dataset = data_lib.load_dataset(cfg, workdir)
   training = state_lib.build_training(cfg, state_lib.model_config(cfg, dataset.vocab_size), mesh,

@@ -78,12 +78,9 @@ def make_mesh(spec: str | None) -> Mesh:
 
 
 def check_batch(cfg: Config, mesh: Mesh) -> None:
-  """The global batch must split evenly over the batch axes and over the processes."""
+  """The global batch must split evenly over the batch axes (over processes: data.local_batch_size)."""
   split = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if cfg.batch_size % split:
     raise ConfigError(
         f"--batch-size {cfg.batch_size} does not divide over the mesh: the batch is split over "
         f"{' x '.join(f'{a}={mesh.shape[a]}' for a in BATCH_AXES)} = {split} devices")
-  if cfg.batch_size % jax.process_count():
-    raise ConfigError(f"--batch-size {cfg.batch_size} does not divide over "
-                      f"{jax.process_count()} processes")
