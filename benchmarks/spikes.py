@@ -138,8 +138,9 @@ def main(argv=None):
         f"({lr_source})")
   for mode in modes:
     sev = [0.0] + severities(mode)
-    print(f"\n{mode} (p = {sweeps[mode]['prob']:g}): final validation loss, mean over seeds "
-          f"0..{args.seeds - 1} (in brackets: change vs the clean run of the same seed)\n")
+    print(f"\n{mode} (p = {sweeps[mode]['prob']:g}): final validation loss, mean ± std over "
+          f"seeds 0..{args.seeds - 1} where run (in brackets: change vs the clean run of the same "
+          f"seed, mean ± std over the n seeds)\n")
     print("| optimizer | LR | " + " | ".join("clean" if s == 0 else f"severity {s:g}" for s in sev)
           + " |")
     print("|---|---|" + "---|" * len(sev))
@@ -153,8 +154,10 @@ def main(argv=None):
         cell = q.fmt_mean_std(ok, 3) if ok else "-"
         diffs = [v - clean[k] for k, v in vals.items()
                  if v is not None and clean.get(k) is not None]
-        if s != 0 and diffs:
-          cell += f" ({np.mean(diffs):+.3f})"
+        if s != 0 and diffs:  # paired by seed, with its n (severities may have different seeds)
+          m, sd = q.mean_std(diffs)
+          cell += f" ({m:+.3f} ± {sd:.3f}, n = {len(diffs)})" if len(diffs) > 1 else \
+              f" ({m:+.3f}, n = 1)"
         if len(ok) < len(vals):
           cell += f" ({len(vals) - len(ok)} diverged)"
         cells.append(cell)
