@@ -37,5 +37,5 @@ wait
 ALL=adamw,spam,adamw_clip_norm,adamw_zclip,adamw_skip,spam_clip_norm,stable_spam,spam_d0.25
 python benchmarks/quality.py $COMMON --report-only --rows $ALL,spam_proj_x0.25,adamw_proj_x0.25,spam_restart_bc \
     --json $R/quality_20m_bpe.json --also-json $R/quality_20m_bpe_b.json
-python benchmarks/spikes.py $COMMON --report-only --modes grad --severities grad=1000 --rows $ALL \
+python benchmarks/spikes.py $COMMON --report-only --modes grad --severities grad=100/1000 --rows $ALL \
     --seeds 3 --quality-json $QJ --json $R/spikes_20m_bpe.json --also-json $R/spikes_20m_bpe_b.json
