@@ -20,8 +20,8 @@ half() {
     $run/quality.py $COMMON --rows "${control%%=*}" --grid "$control" --no-extend-edges --seeds 1 \
         --json "$3"
   done
-  for sweep in grad=1000 grad=100 grad_entries=100/1000 input=0.5/1; do
-    for seeds in 1 2 3; do  # seed-major: every row gets seed 0 before any gets seed 1
+  for seeds in 1 2 3; do  # seed-major: every row and sweep gets seed 0 before any gets seed 1
+    for sweep in grad=1000 grad=100 grad_entries=100/1000 input=0.5/1; do
       $run/spikes.py $COMMON --log-every 1 --modes "${sweep%%=*}" --severities "$sweep" \
           --rows "$4" --seeds $seeds --quality-json $QJ --json "$5"
     done
@@ -37,5 +37,8 @@ wait
 ALL=adamw,spam,adamw_clip_norm,adamw_zclip,adamw_skip,spam_clip_norm,stable_spam,spam_d0.25
 python benchmarks/quality.py $COMMON --report-only --rows $ALL,spam_proj_x0.25,adamw_proj_x0.25,spam_restart_bc \
     --json $R/quality_20m_bpe.json --also-json $R/quality_20m_bpe_b.json
-python benchmarks/spikes.py $COMMON --report-only --modes grad --severities grad=100/1000 --rows $ALL \
-    --seeds 3 --quality-json $QJ --json $R/spikes_20m_bpe.json --also-json $R/spikes_20m_bpe_b.json
+for sweep in grad=100/1000 grad_entries=100/1000 input=0.5/1; do
+  python benchmarks/spikes.py $COMMON --report-only --modes "${sweep%%=*}" --severities "$sweep" \
+      --rows $ALL --seeds 3 --quality-json $QJ --json $R/spikes_20m_bpe.json \
+      --also-json $R/spikes_20m_bpe_b.json
+done

@@ -121,7 +121,7 @@ def main(argv=None):
     runs += q.Store(Path(extra), {"common": q.common_overrides(args)}).runs()
   # (mode, row) -> {severity: {seed: loss}}; a diverged run counts as None. The clean column uses
   # the same seeds as the spiked runs (seeds 0 .. --seeds - 1), so each Δ is paired by seed.
-  table = {}
+  table, tabled = {}, []
   for row in rows:
     clean = clean_runs(quality_runs, args.model, args.steps, row, lrs[row]) or clean_runs(
         runs, args.model, args.steps, row, lrs[row])
@@ -134,6 +134,8 @@ def main(argv=None):
            and r["steps"] == args.steps and o.get("spike_prob") == sweeps[mode]["prob"] \
            and r["seed"] < args.seeds:
           d.setdefault(o["spike_scale"], {})[r["seed"]] = r["val_loss"]
+          if o["spike_scale"] in severities(mode):
+            tabled.append(r)
   print(f"# {args.model}, {args.steps} steps x {args.batch_size} x {args.seq_len}; LRs {lrs} "
         f"({lr_source})")
   for mode in modes:
@@ -176,7 +178,7 @@ def main(argv=None):
                 "input": "corrupted tokens"}[mode]
         print(f"\n{row} (seed 0): gradient entries clipped over the run, and {unit} injected "
               f"(clean run: see the quality results) -- " + "; ".join(counts))
-  print("\n" + q.wall_summary([r for r in runs if r["row"] in rows]))
+  print("\n" + q.wall_summary(tabled))  # the spiked runs of these tables
   args._quality_runs = quality_runs
   if not args.no_plot and not args.smoke:
     for png in plot(runs, table, rows, modes, lrs, args, sweeps):
