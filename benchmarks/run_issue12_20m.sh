@@ -37,8 +37,8 @@ wait
 ALL=adamw,spam,adamw_clip_norm,adamw_zclip,adamw_skip,spam_clip_norm,stable_spam,spam_d0.25
 python benchmarks/quality.py $COMMON --report-only --rows $ALL,spam_proj_x0.25,adamw_proj_x0.25,spam_restart_bc \
     --json $R/quality_20m_bpe.json --also-json $R/quality_20m_bpe_b.json
-for sweep in grad=100/1000 grad_entries=100/1000 input=0.5/1; do
-  python benchmarks/spikes.py $COMMON --report-only --modes "${sweep%%=*}" --severities "$sweep" \
-      --rows $ALL --seeds 3 --quality-json $QJ --json $R/spikes_20m_bpe.json \
-      --also-json $R/spikes_20m_bpe_b.json
-done
+SPIKES="python benchmarks/spikes.py $COMMON --report-only --rows $ALL --seeds 3 --quality-json $QJ
+        --json $R/spikes_20m_bpe.json --also-json $R/spikes_20m_bpe_b.json"
+$SPIKES --modes grad --severities grad=100/1000                                    # section 10
+$SPIKES --modes grad_entries,input --severities grad_entries=100/1000,input=0.5/1 \
+    --figure-tag _entries_inputs                                                    # section 10b

@@ -64,6 +64,11 @@ def main(argv=None):
                       "only: other rows of the same setting run by another process")
   parser.add_argument("--severities", default="",
                       help="override a sweep's severities: MODE=S/S/...,MODE=... (e.g. grad=100/1000)")
+  parser.add_argument("--paired-against", default="",
+                      help="also print each row's change minus this row's change, paired by seed")
+  parser.add_argument("--figure-tag", default="",
+                      help="appended to the figures' names, so that reports of other modes of the "
+                      "same model do not overwrite them (e.g. _entries_inputs)")
   args = parser.parse_args(argv)
   sweeps = {m: dict(v) for m, v in SWEEPS.items()}
   for item in filter(None, args.severities.split(",")):
@@ -164,6 +169,8 @@ def main(argv=None):
           cell += f" ({len(vals) - len(ok)} diverged)"
         cells.append(cell)
       print(f"| {row} | {q.fmt_lr(lrs[row])} | " + " | ".join(cells) + " |")
+    if args.paired_against in rows:
+      print_paired(table, mode, rows, sev[1:], args.paired_against)
     for row in rows:  # SPAM's diagnostic: how many gradient entries its clip caught
       counts = []
       for s in sev[1:]:
@@ -184,6 +191,27 @@ def main(argv=None):
     for png in plot(runs, table, rows, modes, lrs, args, sweeps):
       print(f"wrote {png}")
   print(f"results: {path}")
+
+
+def print_paired(table, mode, rows, sev, ref):
+  """Each row's change vs its clean run minus ``ref``'s change, seed by seed (mean ± std, n)."""
+  def change(row, s):
+    d = table[(mode, row)]
+    return {k: v - d[0.0][k] for k, v in d.get(s, {}).items()
+            if v is not None and d[0.0].get(k) is not None}
+  print(f"\n{mode}: change minus {ref}'s change, paired by seed\n")
+  print("| optimizer | " + " | ".join(f"severity {s:g}" for s in sev) + " |")
+  print("|---|" + "---|" * len(sev))
+  for row in rows:
+    cells = []
+    for s in sev:
+      mine, theirs = change(row, s), change(ref, s)
+      diffs = [mine[k] - theirs[k] for k in mine if k in theirs]
+      m, sd = q.mean_std(diffs)
+      cells.append("-" if not diffs or row == ref else
+                   f"{m:+.3f} ± {sd:.3f} (n = {len(diffs)})" if len(diffs) > 1 else
+                   f"{m:+.3f} (n = 1)")
+    print(f"| {row} | " + " | ".join(cells) + " |")
 
 
 def plot(runs, table, rows, modes, lrs, args, sweeps) -> list[Path]:
@@ -211,7 +239,7 @@ def plot(runs, table, rows, modes, lrs, args, sweeps) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  path = q.DOCS / f"spikes_severity_{args.model}.png"
+  path = q.DOCS / f"spikes_severity_{args.model}{args.figure_tag}.png"
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path)
   plt.close(fig)
@@ -247,7 +275,7 @@ def plot(runs, table, rows, modes, lrs, args, sweeps) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  path = q.DOCS / f"spikes_curves_{args.model}.png"
+  path = q.DOCS / f"spikes_curves_{args.model}{args.figure_tag}.png"
   fig.savefig(path)
   plt.close(fig)
   out.append(path)
@@ -280,7 +308,7 @@ def plot_around_spike(runs, rows, lrs, args, sweeps, plt, cmap, before=5, after=
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  path = q.DOCS / f"spikes_zoom_{args.model}.png"
+  path = q.DOCS / f"spikes_zoom_{args.model}{args.figure_tag}.png"
   fig.savefig(path)
   plt.close(fig)
   return path
